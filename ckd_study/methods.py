@@ -1,0 +1,483 @@
+"""Distillation methods: one registered class per method (spec: ``shared/docs/methods.md``).
+
+A method is an ``nn.Module`` that owns its extra trainable modules (projection heads, learnable temperature,
+CRD's memory), sizes them from the teacher's and student's feature widths, and maps one batch's outputs to a
+dict of named, already-weighted loss terms, e.g. ``{"ce": ..., "ckd_intra": ..., "ckd_inter": ...}``. The
+training loop sums, logs and back-propagates them without knowing which method produced them.
+
+Options live in one dataclass per method (``Method.Options``): its defaults are the defaults of the study and
+are validated when built. ``create_method(name, student, teacher, **options)`` builds a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import losses
+from .models import ModelOutput, ZooModel
+
+Terms = dict[str, torch.Tensor]
+
+
+class MethodError(ValueError):
+    """Unknown method or invalid method option; the message names the option and the valid values."""
+
+
+def _check(ok: bool, method: str, option: str, message: str) -> None:
+    if not ok:
+        raise MethodError(f"method {method!r}, option {option!r}: {message}")
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set ``name``, ``Options`` and implement :meth:`loss_terms`.
+
+    Class attributes describe what the method needs, so the engine can prepare it generically:
+    ``needs_teacher``; ``teacher_outputs`` (which fields of the teacher's ModelOutput it reads; the teacher
+    cache can serve ``logits`` and ``pooled``); ``needs_indices`` (sample indices, e.g. CRD's memory).
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    needs_teacher: ClassVar[bool] = True
+    teacher_outputs: ClassVar[frozenset[str]] = frozenset({"logits"})
+    needs_indices: ClassVar[bool] = False
+
+    def __init__(self, student: ZooModel, teacher: ZooModel | None, options: Any, num_train: int) -> None:
+        super().__init__()
+        self.options = options
+        self.num_train = num_train
+
+    def loss_terms(self, student_out: ModelOutput, teacher_out: ModelOutput | None, labels: torch.Tensor,
+                   indices: torch.Tensor, epoch: int) -> Terms:
+        """Named, already-weighted loss terms for one batch. ``epoch`` is 1-based (warm-ups read it)."""
+        raise NotImplementedError
+
+    def forward(self, student_out, teacher_out, labels, indices, epoch) -> Terms:  # noqa: D401
+        return self.loss_terms(student_out, teacher_out, labels, indices, epoch)
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register_method(cls: type[Method]) -> type[Method]:
+    if cls.name in _METHODS:
+        raise ValueError(f"method {cls.name!r} registered twice")
+    _METHODS[cls.name] = cls
+    return cls
+
+
+def available_methods() -> list[str]:
+    return list(_METHODS)
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in _METHODS:
+        raise MethodError(f"unknown method {name!r}; valid methods: {', '.join(available_methods())}")
+    return _METHODS[name]
+
+
+def resolve_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Every option of method ``name`` with defaults filled in, validated; as a plain JSON-able dict."""
+    return _to_plain(build_options(name, options))
+
+
+def build_options(name: str, options: Mapping[str, Any] | None = None) -> Any:
+    cls = method_class(name)
+    valid = {f.name for f in dataclasses.fields(cls.Options)}
+    given = dict(options or {})
+    unknown = sorted(set(given) - valid)
+    if unknown:
+        raise MethodError(f"method {name!r}: unknown option(s) {unknown}; valid options: {', '.join(sorted(valid))}")
+    # JSON round trips turn tuples into lists; the dataclasses expect tuples.
+    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    opts = cls.Options(**given)
+    opts.validate(name)
+    return opts
+
+
+def _to_plain(opts: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(opts).items()}
+
+
+def create_method(name: str, student: ZooModel, teacher: ZooModel | None = None, num_train: int = 50_000,
+                  **options: Any) -> Method:
+    """Build method ``name`` for a student/teacher pair; ``num_train`` sizes CRD's memory."""
+    cls = method_class(name)
+    opts = build_options(name, options)
+    if cls.needs_teacher and teacher is None:
+        raise MethodError(f"method {name!r} distils from a teacher, but no teacher model was given")
+    return cls(student, teacher, opts, num_train)
+
+
+def _positive(method: str, **values: float) -> None:
+    for option, value in values.items():
+        _check(isinstance(value, (int, float)) and value > 0, method, option, f"must be > 0, got {value!r}")
+
+
+def _non_negative(method: str, **values: float) -> None:
+    for option, value in values.items():
+        _check(isinstance(value, (int, float)) and value >= 0, method, option, f"must be >= 0, got {value!r}")
+
+
+def _warmup_factor(epoch: int, warmup: float) -> float:
+    """Linear warm-up ``min(epoch / warmup, 1)`` (mdistiller's DKD schedule; epoch is 1-based)."""
+    return 1.0 if warmup <= 0 else min(epoch / warmup, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Baselines (methods.md §1)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CEOptions:
+    def validate(self, method: str) -> None:
+        pass
+
+
+@register_method
+class CE(Method):
+    """Cross-entropy only: teachers and the student baseline."""
+
+    name = "ce"
+    Options = CEOptions
+    needs_teacher = False
+    teacher_outputs = frozenset()
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        return {"ce": F.cross_entropy(student_out.logits.float(), labels)}
+
+
+@dataclass(frozen=True)
+class KDOptions:
+    """KD (Hinton): ``ce_weight·CE + kd_weight·KD(τ)``. Defaults 0.1 / 0.9 / τ=4 (methods.md §1)."""
+
+    temperature: float = 4.0
+    ce_weight: float = 0.1
+    kd_weight: float = 0.9
+
+    def validate(self, method: str) -> None:
+        _positive(method, temperature=self.temperature)
+        _non_negative(method, ce_weight=self.ce_weight, kd_weight=self.kd_weight)
+
+
+@register_method
+class KD(Method):
+    """Hinton KD, ``L = 0.1·CE + 0.9·KL(softmax(t/4) ‖ softmax(s/4))·16``."""
+
+    name = "kd"
+    Options = KDOptions
+    standardize: ClassVar[bool] = False
+
+    def _logits(self, out: ModelOutput) -> torch.Tensor:
+        return losses.standardize_logits(out.logits) if self.standardize else out.logits
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        o = self.options
+        kd = losses.kd_loss(self._logits(student_out), self._logits(teacher_out), o.temperature)
+        return {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels), "kd": o.kd_weight * kd}
+
+
+@dataclass(frozen=True)
+class KDLSOptions(KDOptions):
+    """KD with logit standardisation: z-scored logits, base temperature 2, KD weight 9, CE weight 0.1."""
+
+    temperature: float = 2.0
+    ce_weight: float = 0.1
+    kd_weight: float = 9.0
+
+
+@register_method
+class KDLS(KD):
+    """KD on z-scored logits (logit standardisation, methods.md §1)."""
+
+    name = "kd_ls"
+    Options = KDLSOptions
+    standardize = True
+
+
+@dataclass(frozen=True)
+class DKDOptions:
+    """DKD: ``ce_weight·CE + w(epoch)·(α·TCKD + β·NCKD)``, τ=4, α=1, β=8, warm-up 20 epochs (methods.md §1).
+
+    β is 2 for resnet56→20 and resnet110→32 and 6 for the vgg13/wrn_40_2 pairs; ``config.PAIR_METHOD_DEFAULTS``
+    applies those per pair.
+    """
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    warmup: float = 20.0
+    ce_weight: float = 1.0
+
+    def validate(self, method: str) -> None:
+        _positive(method, temperature=self.temperature)
+        _non_negative(method, alpha=self.alpha, beta=self.beta, warmup=self.warmup, ce_weight=self.ce_weight)
+
+
+@register_method
+class DKD(Method):
+    name = "dkd"
+    Options = DKDOptions
+    standardize: ClassVar[bool] = False
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        o = self.options
+        s, t = student_out.logits, teacher_out.logits
+        if self.standardize:
+            s, t = losses.standardize_logits(s), losses.standardize_logits(t)
+        parts = losses.dkd_loss(s, t, labels, alpha=o.alpha, beta=o.beta, temperature=o.temperature)
+        warm = _warmup_factor(epoch, o.warmup)
+        return {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels),
+                "dkd_tckd": warm * parts.tckd, "dkd_nckd": warm * parts.nckd}
+
+
+@dataclass(frozen=True)
+class DKDLSOptions(DKDOptions):
+    """DKD on z-scored logits; base temperature 2 as in the logit-standardisation release."""
+
+    temperature: float = 2.0
+
+
+@register_method
+class DKDLS(DKD):
+    name = "dkd_ls"
+    Options = DKDLSOptions
+    standardize = True
+
+
+@dataclass(frozen=True)
+class CRDOptions:
+    """CRD: linear heads to ``feat_dim`` + L2 norm on pooled features, ``nce_k`` negatives from memory banks,
+    NCE temperature 0.07, memory momentum 0.5, weight 0.8, CE weight 1 (methods.md §1)."""
+
+    feat_dim: int = 128
+    nce_k: int = 16384
+    nce_t: float = 0.07
+    nce_m: float = 0.5
+    weight: float = 0.8
+    ce_weight: float = 1.0
+
+    def validate(self, method: str) -> None:
+        _check(isinstance(self.feat_dim, int) and self.feat_dim >= 1, method, "feat_dim",
+               f"must be a positive integer, got {self.feat_dim!r}")
+        _check(isinstance(self.nce_k, int) and self.nce_k >= 1, method, "nce_k",
+               f"must be a positive integer, got {self.nce_k!r}")
+        _positive(method, nce_t=self.nce_t)
+        _check(0 <= self.nce_m < 1, method, "nce_m", f"must be in [0, 1), got {self.nce_m!r}")
+        _non_negative(method, weight=self.weight, ce_weight=self.ce_weight)
+
+
+class Embed(nn.Module):
+    """Linear projection followed by L2 normalisation (CRD's embedding head)."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim_in, dim_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.linear(x.float()), dim=1)
+
+
+@register_method
+class CRD(Method):
+    name = "crd"
+    Options = CRDOptions
+    teacher_outputs = frozenset({"pooled"})
+    needs_indices = True
+
+    def __init__(self, student, teacher, options, num_train):
+        super().__init__(student, teacher, options, num_train)
+        _check(options.nce_k < num_train, self.name, "nce_k",
+               f"must be smaller than the training set ({num_train} samples), got {options.nce_k}")
+        self.embed_student = Embed(student.pooled_dim, options.feat_dim)
+        self.embed_teacher = Embed(teacher.pooled_dim, options.feat_dim)
+        self.memory = losses.CRDMemory(options.feat_dim, num_train, nce_k=options.nce_k, nce_t=options.nce_t,
+                                       nce_m=options.nce_m)
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        o = self.options
+        out_s, out_t = self.memory(self.embed_student(student_out.pooled),
+                                   self.embed_teacher(teacher_out.pooled.detach()), indices)
+        return {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels),
+                "crd": o.weight * losses.crd_loss(out_s, out_t, self.num_train)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# CKD (methods.md §2)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CKDOptions:
+    """CKD: ``ce_weight·CE + weight·L_CKD(τ)``, L_CKD = intra + inter (methods.md §2).
+
+    Defaults reproduce the released code: teacher-anchored InfoNCE over L2-normalised logits, τ=1,
+    λ_CL=100 (per-pair values from the released configs are applied by ``config.PAIR_METHOD_DEFAULTS``).
+    ``terms`` switches the intra-sample alignment or inter-sample contrast off (the intra-vs-inter ablation).
+    """
+
+    temperature: float = 1.0
+    weight: float = 100.0
+    anchor: str = "teacher"
+    negatives: str = "teacher_student"
+    terms: tuple[str, ...] = ("intra", "inter")
+    ce_weight: float = 1.0
+
+    def validate(self, method: str) -> None:
+        _positive(method, temperature=self.temperature)
+        _non_negative(method, weight=self.weight, ce_weight=self.ce_weight)
+        _check(self.anchor in ("teacher", "student", "both"), method, "anchor",
+               f"unknown anchor {self.anchor!r}; valid: teacher, student, both")
+        _check(self.negatives in ("teacher_student", "student_student"), method, "negatives",
+               f"unknown negatives {self.negatives!r}; valid: teacher_student, student_student")
+        _check(len(self.terms) > 0 and set(self.terms) <= {"intra", "inter"} and len(set(self.terms)) == len(self.terms),
+               method, "terms", f"must be a non-empty subset of ('intra', 'inter'), got {self.terms!r}")
+
+
+@register_method
+class CKD(Method):
+    name = "ckd"
+    Options = CKDOptions
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        o = self.options
+        parts = losses.ckd_loss(student_out.logits, teacher_out.logits, temperature=o.temperature,
+                                anchor=o.anchor, negatives=o.negatives, terms=tuple(o.terms))
+        terms = {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels)}
+        for term in o.terms:  # a switched-off term is not part of the objective
+            terms[f"ckd_{term}"] = o.weight * getattr(parts, term)
+        return terms
+
+
+# ---------------------------------------------------------------------------------------------------------
+# MCLD (methods.md §3) -- a reimplementation: no public code exists
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class MCLDOptions:
+    """MCLD (our reimplementation; no public code): ``CE + λ_ins·L_ins + λ_sam·L_sam + w(epoch)·λ_cat·L_cat``.
+
+    Defaults (ours, used throughout the study): τ=1, L2-normalised logits, no target mask, sample-wise term in
+    the ``reverse`` direction, λ = 50 for each term, a 20-epoch linear warm-up of the category-wise term.
+    ``components`` selects the terms (the component-grid ablation).
+    """
+
+    temperature: float = 1.0
+    normalize: str = "l2"
+    target_mask: str = "none"
+    sample_mode: str = "reverse"
+    lambda_instance: float = 50.0
+    lambda_sample: float = 50.0
+    lambda_category: float = 50.0
+    warmup: float = 20.0
+    components: tuple[str, ...] = ("instance", "sample", "category")
+    ce_weight: float = 1.0
+
+    def validate(self, method: str) -> None:
+        _positive(method, temperature=self.temperature)
+        _non_negative(method, lambda_instance=self.lambda_instance, lambda_sample=self.lambda_sample,
+                      lambda_category=self.lambda_category, warmup=self.warmup, ce_weight=self.ce_weight)
+        _check(self.normalize in ("l2", "zscore+l2"), method, "normalize",
+               f"unknown normalisation {self.normalize!r}; valid: l2, zscore+l2")
+        _check(self.target_mask in ("none", "same_label", "gt_logit"), method, "target_mask",
+               f"unknown target mask {self.target_mask!r}; valid: none, same_label, gt_logit")
+        _check(self.sample_mode in ("reverse", "label"), method, "sample_mode",
+               f"unknown sample mode {self.sample_mode!r}; valid: reverse, label")
+        valid = {"instance", "sample", "category"}
+        _check(len(self.components) > 0 and set(self.components) <= valid, method, "components",
+               f"must be a non-empty subset of {sorted(valid)}, got {self.components!r}")
+
+
+@register_method
+class MCLD(Method):
+    name = "mcld"
+    Options = MCLDOptions
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        o = self.options
+        s, t = student_out.logits, teacher_out.logits
+        common = dict(labels=labels, temperature=o.temperature, normalize=o.normalize, target_mask=o.target_mask)
+        terms = {"ce": o.ce_weight * F.cross_entropy(s.float(), labels)}
+        if "instance" in o.components:
+            terms["mcld_instance"] = o.lambda_instance * losses.mcld_instance_loss(s, t, **common)
+        if "sample" in o.components:
+            terms["mcld_sample"] = o.lambda_sample * losses.mcld_sample_loss(s, t, mode=o.sample_mode, **common)
+        if "category" in o.components:
+            warm = _warmup_factor(epoch, o.warmup)
+            terms["mcld_category"] = warm * o.lambda_category * losses.mcld_category_loss(s, t, **common)
+        return terms
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DCD (methods.md §4)
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DCDOptions:
+    """DCD: ``CE + L_con + 0.5·L_cons`` on 128-d projections of the pooled features (methods.md §4).
+
+    Learnable inverse temperature κ = min(exp(θ), 10), θ initialised to 1, and a learnable bias b (which
+    provably gets zero gradient; kept for fidelity). ``fixed_temperature=τ`` replaces κ by 1/τ (divides, unlike
+    the released code). ``kd_weight`` > 0 adds Hinton KD (τ=``kd_temperature``): that is DCD+KD.
+    """
+
+    embed_dim: int = 128
+    init_log_inv_temperature: float = 1.0
+    max_inv_temperature: float = 10.0
+    fixed_temperature: float | None = None
+    consistency_weight: float = 0.5
+    ce_weight: float = 1.0
+    kd_weight: float = 0.0
+    kd_temperature: float = 4.0
+
+    def validate(self, method: str) -> None:
+        _check(isinstance(self.embed_dim, int) and self.embed_dim >= 1, method, "embed_dim",
+               f"must be a positive integer, got {self.embed_dim!r}")
+        _positive(method, max_inv_temperature=self.max_inv_temperature, kd_temperature=self.kd_temperature)
+        if self.fixed_temperature is not None:
+            _positive(method, fixed_temperature=self.fixed_temperature)
+        _non_negative(method, consistency_weight=self.consistency_weight, ce_weight=self.ce_weight,
+                      kd_weight=self.kd_weight)
+        _check(math.isfinite(self.init_log_inv_temperature), method, "init_log_inv_temperature", "must be finite")
+
+
+@register_method
+class DCD(Method):
+    name = "dcd"
+    Options = DCDOptions
+    teacher_outputs = frozenset({"pooled"})
+
+    def __init__(self, student, teacher, options, num_train):
+        super().__init__(student, teacher, options, num_train)
+        self.head_student = nn.Linear(student.pooled_dim, options.embed_dim)
+        self.head_teacher = nn.Linear(teacher.pooled_dim, options.embed_dim)
+        self.log_inv_temperature = nn.Parameter(torch.tensor(float(options.init_log_inv_temperature)))
+        self.bias = nn.Parameter(torch.tensor(0.0))
+
+    def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
+        o = self.options
+        parts = losses.dcd_loss(self.head_student(student_out.pooled.float()),
+                                self.head_teacher(teacher_out.pooled.detach().float()),
+                                self.log_inv_temperature, self.bias, fixed_temperature=o.fixed_temperature,
+                                max_inv_temperature=o.max_inv_temperature, consistency_weight=o.consistency_weight)
+        terms = {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels),
+                 "dcd_contrastive": parts.contrastive, "dcd_consistency": parts.consistency}
+        if o.kd_weight > 0:
+            terms["kd"] = o.kd_weight * losses.kd_loss(student_out.logits, teacher_out.logits, o.kd_temperature)
+        return terms
+
+
+@dataclass(frozen=True)
+class DCDKDOptions(DCDOptions):
+    """DCD+KD: ``CE + KD(τ=4) + L_DCD`` (methods.md §4)."""
+
+    kd_weight: float = 1.0
+
+
+@register_method
+class DCDKD(DCD):
+    name = "dcd_kd"
+    Options = DCDKDOptions
+    teacher_outputs = frozenset({"pooled", "logits"})
