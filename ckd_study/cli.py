@@ -1,0 +1,212 @@
+"""``python -m ckd_study``: train, list, show, models, methods.
+
+Examples::
+
+    python -m ckd_study train --preset quick --method ckd
+    python -m ckd_study train --preset quick --method kd --teacher resnet32 --student resnet8 --seed 1
+    python -m ckd_study train --preset smoke --method ckd --option temperature=0.5 --option anchor=both
+    python -m ckd_study train --config results/runs/<run-id>/config.json
+    python -m ckd_study list
+    python -m ckd_study show <run-id>
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from .config import SCHEDULES, ConfigError, RunConfig, available_presets, make_config
+from .data import available_datasets
+from .methods import MethodError, available_methods, build_options, method_class
+from .models import available_models, create_model
+
+
+def _parse_value(text: str) -> Any:
+    """Option values: JSON when it parses (numbers, true/false/null, lists), else a plain string."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--option takes KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    return key.strip(), _parse_value(value.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ckd_study",
+                                     description="Contrastive knowledge distillation study on CIFAR-100.")
+    parser.add_argument("--results-dir", default=None, help="results store (default: $CKD_RESULTS_DIR or results/)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,list,show,models,methods}")
+
+    train = sub.add_parser("train", help="train a teacher (method ce) or a distillation run")
+    train.add_argument("--config", type=Path, help="a config.json (as stored in a run folder); flags override it")
+    train.add_argument("--preset", choices=available_presets(), default=None, help="config defaults (default: paper)")
+    train.add_argument("--dataset", choices=available_datasets())
+    train.add_argument("--student", choices=available_models(), metavar="MODEL",
+                       help=f"student model; one of: {', '.join(available_models())}")
+    train.add_argument("--teacher", choices=available_models(), metavar="MODEL",
+                       help="teacher model (trained with the preset's teacher recipe if no finished run exists)")
+    train.add_argument("--teacher-run", metavar="RUN_ID", help="use the teacher of a stored run (by run id)")
+    train.add_argument("--method", choices=available_methods(), default=None,
+                       help=f"default ce; one of: {', '.join(available_methods())}")
+    train.add_argument("--teacher-epochs", type=int, help="epochs of the teacher recipe (default: the preset's)")
+    train.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
+                       help="a method option, e.g. temperature=0.5 (repeatable; `methods` lists them)")
+    train.add_argument("--epochs", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--schedule", choices=SCHEDULES)
+    train.add_argument("--milestones", type=lambda s: tuple(int(x) for x in s.split(",")), metavar="E1,E2,...")
+    train.add_argument("--weight-decay", type=float)
+    train.add_argument("--seed", type=int)
+    train.add_argument("--train-per-class", type=int)
+    train.add_argument("--test-per-class", type=int)
+    train.add_argument("--eval-every", type=int)
+    train.add_argument("--deterministic", action="store_true", default=None)
+    train.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
+    train.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false", default=None)
+    train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    train.add_argument("--data-dir", help="dataset root (default: $CKD_DATA_DIR or data/)")
+    train.add_argument("--wait", action="store_true", help="wait for another process training the same run")
+    train.add_argument("--quiet", action="store_true", help="no progress bars")
+    train.add_argument("--dry-run", action="store_true", help="print the resolved config and run id, train nothing")
+
+    sub.add_parser("list", help="runs in the store with their status and headline metrics")
+    show = sub.add_parser("show", help="a run's config, summary and last epochs")
+    show.add_argument("run_id")
+    sub.add_parser("models", help="the model zoo with parameter counts")
+    sub.add_parser("methods", help="the methods and their options with defaults")
+    return parser
+
+
+_FLAG_FIELDS = ("dataset", "student", "epochs", "batch_size", "lr", "schedule", "milestones", "weight_decay",
+                "seed", "train_per_class", "test_per_class", "eval_every", "deterministic", "compile",
+                "teacher_cache")
+
+
+def config_from_args(args: argparse.Namespace, store) -> RunConfig:
+    overrides = {k: getattr(args, k) for k in _FLAG_FIELDS if getattr(args, k) is not None}
+    options = dict(args.option)
+    if args.config is not None:
+        if args.preset is not None:
+            raise ConfigError("give either --config or --preset, not both")
+        try:
+            data = json.loads(args.config.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(f"--config {args.config}: cannot read it as JSON ({exc})") from exc
+        base = RunConfig.from_dict(data.get("config", data))
+        if args.method is not None:
+            overrides["method"] = args.method
+        merged = {**base.method_options, **options} if overrides.get("method", base.method) == base.method else options
+        from .config import resolve
+
+        return resolve(base.replace(method_options=merged, **overrides))
+    method = args.method or "ce"
+    teacher: Any = args.teacher
+    if args.teacher_run:
+        teacher = store.config(args.teacher_run)
+    if teacher is not None and not method_class(method).needs_teacher:
+        raise ConfigError(f"--teacher/--teacher-run: method {method!r} trains without a teacher; "
+                          f"pick a distillation method with --method ({', '.join(m for m in available_methods() if m != 'ce')})")
+    teacher_overrides = {"epochs": args.teacher_epochs} if args.teacher_epochs is not None else None
+    if teacher_overrides and not isinstance(teacher, (str, type(None))):
+        raise ConfigError("--teacher-epochs applies to a teacher trained from the preset, not to --teacher-run")
+    return make_config(args.preset or "paper", method=method, teacher=teacher, method_options=options,
+                       teacher_overrides=teacher_overrides, **overrides)
+
+
+def cmd_train(args, store) -> int:
+    from .runs import run
+
+    config = config_from_args(args, store)
+    print(f"run id: {config.run_id}")
+    if args.dry_run:
+        print(json.dumps(config.to_dict(), indent=2))
+        return 0
+    summary = run(config, store=store, device=args.device, quiet=args.quiet, wait=args.wait, data_root=args.data_dir)
+    print(f"finished {summary['run_id']}: last top-1 {summary['last_top1']:.2f}%, best {summary['best_top1']:.2f}% "
+          f"(epoch {summary['best_epoch']}), {summary['wall_time_s']:.0f} s, {summary['images_per_s']:.0f} img/s")
+    print(f"stored in {store.run_dir(summary['run_id'])}")
+    return 0
+
+
+def cmd_list(args, store) -> int:
+    ids = store.run_ids()
+    if not ids:
+        print(f"no runs in {store.root / 'runs'}")
+        return 0
+    print(f"{'run id':<58} {'status':<11} {'preset':<6} {'epochs':>6} {'last top1':>9} {'best top1':>9}")
+    for run_id in ids:
+        try:
+            cfg = store.config(run_id)
+            summary = store.summary(run_id) or {}
+            last = summary.get("last_top1")
+            best = summary.get("best_top1")
+            print(f"{run_id:<58} {store.status(run_id):<11} {cfg.preset:<6} {cfg.epochs:>6} "
+                  f"{'' if last is None else f'{last:.2f}':>9} {'' if best is None else f'{best:.2f}':>9}")
+        except Exception as exc:  # one broken run must not hide the others
+            print(f"{run_id:<58} unreadable ({exc})")
+    return 0
+
+
+def cmd_show(args, store) -> int:
+    cfg = store.config(args.run_id)
+    print(f"run {args.run_id} ({store.status(args.run_id)}) in {store.run_dir(args.run_id)}")
+    print("config:", json.dumps(cfg.to_dict(), indent=2))
+    summary = store.summary(args.run_id)
+    if summary:
+        print("summary:", json.dumps(summary, indent=2))
+    metrics = store.metrics(args.run_id)
+    for row in metrics[-5:]:
+        print(json.dumps(row))
+    return 0
+
+
+def cmd_models(args, store) -> int:
+    print(f"{'model':<14} {'params (100 classes)':>22} {'pooled dim':>10}")
+    for name in available_models():
+        model = create_model(name, 100)
+        n = sum(p.numel() for p in model.parameters())
+        print(f"{name:<14} {n / 1e6:>20.2f} M {model.pooled_dim:>10}")
+    return 0
+
+
+def cmd_methods(args, store) -> int:
+    for name in available_methods():
+        cls = method_class(name)
+        opts = build_options(name)
+        print(f"{name}: {'needs a teacher' if cls.needs_teacher else 'no teacher'}")
+        for f in dataclasses.fields(opts):
+            print(f"    {f.name} = {getattr(opts, f.name)!r}")
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "list": cmd_list, "show": cmd_show, "models": cmd_models, "methods": cmd_methods}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .runs import RunError, RunStore
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    store = RunStore(args.results_dir)
+    try:
+        return COMMANDS[args.command](args, store)
+    except (ConfigError, MethodError) as exc:
+        parser.error(str(exc))
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,289 @@
+"""Typed, validated run configs and the presets (smoke / quick / paper).
+
+A :class:`RunConfig` describes one training run completely: data, student, teacher (itself a ``RunConfig``),
+method and its options, optimiser, schedule, budget and seed. It is validated when built, and its run id is
+derived from its canonical JSON, so the same config always maps to the same run in the results store.
+
+Presets are data (:data:`PRESETS`): sets of config defaults. ``make_config(preset=..., **overrides)`` starts
+from the preset and applies the overrides; nothing in the engine branches on a preset's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+SCHEDULES = ("step", "cosine")
+
+# Students trained with lr 0.01 in the benchmark recipe (methods.md §0).
+LOW_LR_STUDENTS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
+
+# Per-pair loss hyper-parameters from the released configs (methods.md §1–2), applied unless overridden.
+# Only loss weights and temperatures: batch size and lr follow the one common budget of the study.
+PAIR_METHOD_DEFAULTS: dict[tuple[str, str], dict[str, dict[str, Any]]] = {
+    ("resnet56", "resnet20"): {"dkd": {"beta": 2.0}, "ckd": {"weight": 10.0, "temperature": 1.0}},
+    ("resnet110", "resnet32"): {"dkd": {"beta": 2.0}, "ckd": {"weight": 10.0, "temperature": 1.0}},
+    ("resnet32x4", "resnet8x4"): {"ckd": {"weight": 100.0, "temperature": 1.0}},
+    ("wrn_40_2", "wrn_16_2"): {"dkd": {"beta": 6.0}, "ckd": {"weight": 100.0, "temperature": 1.0}},
+    ("wrn_40_2", "wrn_40_1"): {"dkd": {"beta": 6.0}, "ckd": {"weight": 50.0, "temperature": 2.0}},
+    ("vgg13", "vgg8"): {"dkd": {"beta": 6.0}, "ckd": {"weight": 100.0, "temperature": 1.0}},
+    ("resnet32x4", "ShuffleV1"): {"ckd": {"weight": 100.0, "temperature": 1.0}},
+    ("wrn_40_2", "ShuffleV1"): {"ckd": {"weight": 100.0, "temperature": 1.0}},
+    ("vgg13", "MobileNetV2"): {"dkd": {"beta": 6.0}, "ckd": {"weight": 50.0, "temperature": 2.0}},
+    ("ResNet50", "MobileNetV2"): {"ckd": {"weight": 100.0, "temperature": 1.0}},
+    ("resnet32x4", "ShuffleV2"): {"ckd": {"weight": 100.0, "temperature": 1.0}},
+}
+# The LS variants share DKD's per-pair beta.
+for _pair in PAIR_METHOD_DEFAULTS.values():
+    if "dkd" in _pair:
+        _pair["dkd_ls"] = dict(_pair["dkd"])
+
+
+class ConfigError(ValueError):
+    """A config field has an invalid value; the message names the field and the valid values."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines one training run (teacher training is method ``ce`` with no teacher).
+
+    ``lr=None`` resolves to the recipe's 0.05, or 0.01 for MobileNetV2/ShuffleV1/ShuffleV2 students.
+    ``method_options`` are resolved against the method's option dataclass by :func:`resolve`, so the stored
+    config (and the run id) always lists every option explicitly.
+    """
+
+    dataset: str = "cifar100"
+    train_per_class: int | None = None  # class-balanced subset of the train split (None: all)
+    test_per_class: int | None = None
+    student: str = "resnet8x4"
+    method: str = "ce"
+    method_options: Mapping[str, Any] = field(default_factory=dict)
+    teacher: "RunConfig | None" = None
+    epochs: int = 240
+    batch_size: int = 64
+    lr: float | None = None
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "step"
+    milestones: tuple[int, ...] = (150, 180, 210)
+    lr_decay: float = 0.1
+    seed: int = 0
+    eval_every: int = 1
+    preset: str = "paper"
+    teacher_cache: bool = True  # exact teacher-output cache where the method allows it (see teacher_cache.py)
+    deterministic: bool = False
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        object.__setattr__(self, "method_options", dict(self.method_options))
+        if isinstance(self.teacher, Mapping):
+            object.__setattr__(self, "teacher", RunConfig.from_dict(self.teacher))
+        self._validate()
+
+    # -- validation --------------------------------------------------------------------------------------
+    def _validate(self) -> None:
+        from .data import available_datasets
+        from .methods import available_methods, method_class
+        from .models import available_models
+
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ConfigError(f"config field {name!r}: {message}")
+
+        need(self.dataset in available_datasets(), "dataset",
+             f"unknown dataset {self.dataset!r}; valid: {', '.join(available_datasets())}")
+        need(self.student in available_models(), "student",
+             f"unknown model {self.student!r}; valid: {', '.join(available_models())}")
+        need(self.method in available_methods(), "method",
+             f"unknown method {self.method!r}; valid: {', '.join(available_methods())}")
+        for name in ("train_per_class", "test_per_class"):
+            value = getattr(self, name)
+            need(value is None or (isinstance(value, int) and value >= 1), name,
+                 f"must be a positive integer or None, got {value!r}")
+        for name in ("epochs", "batch_size", "eval_every"):
+            value = getattr(self, name)
+            need(isinstance(value, int) and value >= 1, name, f"must be a positive integer, got {value!r}")
+        need(self.lr is None or self.lr > 0, "lr", f"must be > 0 (or None for the recipe's), got {self.lr!r}")
+        need(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum!r}")
+        need(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay!r}")
+        need(0 < self.lr_decay <= 1, "lr_decay", f"must be in (0, 1], got {self.lr_decay!r}")
+        need(self.schedule in SCHEDULES, "schedule",
+             f"unknown schedule {self.schedule!r}; valid: {', '.join(SCHEDULES)}")
+        need(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
+             "milestones", f"must be increasing positive epochs, got {self.milestones!r}")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        needs_teacher = method_class(self.method).needs_teacher
+        need(not needs_teacher or self.teacher is not None, "teacher",
+             f"method {self.method!r} distils from a teacher: give a teacher config (or --teacher/--teacher-run)")
+        need(needs_teacher or self.teacher is None, "teacher",
+             f"method {self.method!r} trains without a teacher; remove the teacher")
+        if self.teacher is not None:
+            need(self.teacher.teacher is None, "teacher", "a teacher must itself be trained without a teacher")
+            need(self.teacher.dataset == self.dataset, "teacher",
+                 f"the teacher was trained on {self.teacher.dataset!r}, the student on {self.dataset!r}")
+
+    # -- derived values ----------------------------------------------------------------------------------
+    @property
+    def base_lr(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 0.01 if self.student in LOW_LR_STUDENTS else 0.05
+
+    @property
+    def is_teacher_run(self) -> bool:
+        return self.teacher is None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["milestones"] = list(self.milestones)
+        out["method_options"] = _jsonable(dict(self.method_options))
+        out["teacher"] = None if self.teacher is None else self.teacher.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}; valid fields: {', '.join(sorted(known))}")
+        return cls(**dict(data))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def run_id(self) -> str:
+        """Readable prefix + hash of the canonical resolved config: same config, same id."""
+        digest = hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
+        pair = self.student if self.teacher is None else f"{self.teacher.student}-{self.student}"
+        return f"{self.method}_{pair}_s{self.seed}_{digest}"
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Presets: data only. "teacher_*" keys configure the teacher run the preset trains for distillation;
+# "method_options" gives per-method option defaults for the preset (e.g. warm-ups scaled to short budgets).
+# ---------------------------------------------------------------------------------------------------------
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: sklearn digits, the two smallest CIFAR ResNets, two epochs on a subset.
+    "smoke": {
+        "dataset": "digits",
+        "train_per_class": 24,
+        "test_per_class": 10,
+        "student": "resnet8",
+        "teacher_student": "resnet14",
+        "teacher_epochs": 2,
+        "epochs": 2,
+        "batch_size": 16,
+        "milestones": (2,),
+        "method_options": {"dkd": {"warmup": 1}, "dkd_ls": {"warmup": 1}, "mcld": {"warmup": 1},
+                           "crd": {"nce_k": 64}},
+    },
+    # Minutes per run on a 2-core CPU, real CIFAR-100 (see README "Presets" for the measured cost and why).
+    "quick": {
+        "dataset": "cifar100",
+        "train_per_class": 100,
+        "test_per_class": 20,
+        "student": "resnet8",
+        "teacher_student": "resnet32",
+        "teacher_epochs": 30,
+        "epochs": 15,
+        "batch_size": 64,
+        "milestones": (10, 13),
+        "teacher_milestones": (20, 26),
+        "method_options": {"dkd": {"warmup": 3}, "dkd_ls": {"warmup": 3}, "mcld": {"warmup": 3},
+                           "crd": {"nce_k": 4096}},
+    },
+    # The full benchmark recipe of methods.md §0.
+    "paper": {
+        "dataset": "cifar100",
+        "student": "resnet8x4",
+        "teacher_student": "resnet32x4",
+        "teacher_epochs": 240,
+        "epochs": 240,
+        "batch_size": 64,
+        "milestones": (150, 180, 210),
+        "method_options": {},
+    },
+}
+
+_PRESET_ONLY_KEYS = ("teacher_student", "teacher_epochs", "teacher_milestones", "method_options")
+
+
+def available_presets() -> list[str]:
+    return list(PRESETS)
+
+
+def preset_defaults(preset: str) -> dict[str, Any]:
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
+def teacher_config(preset: str = "paper", teacher: str | None = None, seed: int = 0, **overrides: Any) -> RunConfig:
+    """The config of a teacher run (method ``ce``) under a preset."""
+    p = preset_defaults(preset)
+    fields = {k: v for k, v in p.items() if k not in _PRESET_ONLY_KEYS}
+    fields["student"] = teacher or p["teacher_student"]
+    fields["epochs"] = p.get("teacher_epochs", fields.get("epochs"))
+    fields["milestones"] = p.get("teacher_milestones", fields.get("milestones"))
+    fields.update(method="ce", method_options={}, teacher=None, preset=preset, seed=seed)
+    fields.update(overrides)
+    return resolve(RunConfig(**fields))
+
+
+def make_config(preset: str = "paper", *, method: str = "ce", teacher: "str | RunConfig | None" = None,
+                method_options: Mapping[str, Any] | None = None,
+                teacher_overrides: Mapping[str, Any] | None = None, **overrides: Any) -> RunConfig:
+    """Build a resolved, validated config from a preset plus overrides.
+
+    ``teacher`` is a model name (its run is the preset's teacher recipe, seed 0), a teacher ``RunConfig``,
+    or None, in which case methods that need a teacher get the preset's default teacher.
+    ``teacher_overrides`` change fields of that teacher recipe (e.g. ``{"epochs": 1}``).
+    """
+    from .methods import method_class
+
+    p = preset_defaults(preset)
+    fields = {k: v for k, v in p.items() if k not in _PRESET_ONLY_KEYS}
+    fields.update(preset=preset, method=method)
+    fields.update(overrides)
+    student = fields.get("student", RunConfig.student)
+    needs_teacher = method_class(method).needs_teacher if method in _method_names() else False
+    if needs_teacher and not isinstance(teacher, RunConfig):
+        shared = {k: fields[k] for k in ("dataset", "train_per_class", "test_per_class") if k in fields}
+        teacher = teacher_config(preset, teacher, **{**shared, **(teacher_overrides or {})})
+    fields["teacher"] = teacher if needs_teacher else None
+    options = dict(p.get("method_options", {}).get(method, {}))
+    if isinstance(fields["teacher"], RunConfig):
+        options.update(PAIR_METHOD_DEFAULTS.get((fields["teacher"].student, student), {}).get(method, {}))
+    options.update(method_options or {})
+    fields["method_options"] = options
+    return resolve(RunConfig(**fields))
+
+
+def _method_names() -> list[str]:
+    from .methods import available_methods
+
+    return available_methods()
+
+
+def resolve(config: RunConfig) -> RunConfig:
+    """Fill every method option with its default (validated by the method's option dataclass)."""
+    from .methods import resolve_options
+
+    options = resolve_options(config.method, config.method_options)
+    teacher = resolve(config.teacher) if config.teacher is not None else None
+    return config.replace(method_options=options, teacher=teacher)

@@ -1,0 +1,458 @@
+"""The results store: every run lives in ``results/runs/<run-id>/``.
+
+Files of a run (all written atomically: a temporary file in the same folder, then ``os.replace``):
+
+- ``config.json``       the resolved config (teacher config included) and the run id
+- ``metrics.jsonl``     one line per completed epoch (losses per term, lr, images/s, test accuracy)
+- ``summary.json``      final metrics, best epoch, wall time, images/s; present only when the run finished
+- ``environment.json``  git commit, package versions, device, torch threads
+- ``checkpoints/latest.pt`` (after every epoch, for resume) and ``checkpoints/final.pt`` (the final weights,
+  whose sha256 is recorded in the summary; distillation runs check their teacher against it)
+
+``run(config)`` returns the stored summary of a finished run, resumes an interrupted one from its last
+checkpoint, and trains otherwise; distillation runs train their teacher first when it has no finished run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from .config import RunConfig
+from .data import ImageDataset, load_dataset
+from .methods import create_method, method_class
+from .models import ZooModel, create_model
+
+CHECKPOINT_FORMAT = 1
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class RunError(RuntimeError):
+    """A stored run cannot be used as it is (corrupt file, mismatching teacher, ...); nothing was deleted."""
+
+
+class RunInProgressError(RunError):
+    """Another live process holds the run's lock."""
+
+
+def default_results_dir() -> Path:
+    """``$CKD_RESULTS_DIR`` if set, else ``<repo>/results``."""
+    env = os.environ.get("CKD_RESULTS_DIR")
+    return Path(env) if env else REPO_ROOT / "results"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Atomic files
+# ---------------------------------------------------------------------------------------------------------
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+
+def atomic_torch_save(obj: Any, path: Path) -> str:
+    """Save atomically; returns the sha256 of the bytes written."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path} is corrupt ({exc}). Nothing was deleted: fix or remove the file "
+                       f"(removing the run folder {path.parent} retrains the run).") from exc
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # torch raises many types for truncated/garbage files
+        raise RunError(f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). Nothing was deleted: "
+                       f"remove that file to restart the run from scratch (or from an earlier copy).") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise RunError(f"checkpoint {path} is not a ckd-study checkpoint of format {CHECKPOINT_FORMAT}; "
+                       f"remove it to restart the run.")
+    return ckpt
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------------------
+class RunStore:
+    def __init__(self, root: str | Path | None = None) -> None:
+        self.root = Path(root) if root is not None else default_results_dir()
+
+    def run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def run_ids(self) -> list[str]:
+        base = self.root / "runs"
+        return sorted(p.name for p in base.iterdir() if p.is_dir()) if base.exists() else []
+
+    def config(self, run_id: str) -> RunConfig:
+        path = self.run_dir(run_id) / "config.json"
+        if not path.exists():
+            raise RunError(f"no run {run_id!r} in {self.root / 'runs'} (no config.json); "
+                           f"`python -m ckd_study list` shows the stored runs")
+        return RunConfig.from_dict(read_json(path)["config"])
+
+    def summary(self, run_id: str) -> dict | None:
+        path = self.run_dir(run_id) / "summary.json"
+        return read_json(path) if path.exists() else None
+
+    def metrics(self, run_id: str) -> list[dict]:
+        path = self.run_dir(run_id) / "metrics.jsonl"
+        if not path.exists():
+            return []
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise RunError(f"{path} line {n} is corrupt ({exc}); nothing was deleted") from exc
+        return rows
+
+    def status(self, run_id: str) -> str:
+        d = self.run_dir(run_id)
+        if (d / "summary.json").exists():
+            return "finished"
+        if _lock_owner(d / "run.lock") is not None:
+            return "running"
+        return "interrupted" if (d / "checkpoints" / "latest.pt").exists() else "new"
+
+    def load_model(self, run_id: str, device: str | torch.device = "cpu") -> ZooModel:
+        """The final weights of a finished run, verified against the sha256 in its summary, in eval mode."""
+        summary = self.summary(run_id)
+        if summary is None:
+            raise RunError(f"run {run_id!r} has not finished: no summary.json in {self.run_dir(run_id)}")
+        config = self.config(run_id)
+        path = self.run_dir(run_id) / "checkpoints" / "final.pt"
+        if not path.exists():
+            raise RunError(f"run {run_id!r} has no final checkpoint {path} (checkpoints are not committed); "
+                           f"retrain it with `python -m ckd_study train --config {self.run_dir(run_id)}/config.json`"
+                           f" after removing its summary.json")
+        actual = sha256_file(path)
+        if actual != summary["final_sha256"]:
+            raise RunError(f"checkpoint {path} has sha256 {actual[:12]}…, but the run recorded "
+                           f"{summary['final_sha256'][:12]}…: the weights were changed or corrupted. "
+                           f"Nothing was deleted; restore the file or retrain the run.")
+        ckpt = load_checkpoint(path)
+        num_classes = ckpt["num_classes"]
+        model = create_model(config.student, num_classes)
+        model.load_state_dict(ckpt["model"])
+        return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Locks: one process trains a run at a time
+# ---------------------------------------------------------------------------------------------------------
+def _lock_owner(path: Path) -> dict | None:
+    """The live owner of a lock file, or None when there is no lock or its process is gone."""
+    try:
+        owner = json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return None  # stale: the process died (killed runs leave their lock behind)
+        except PermissionError:
+            pass
+    return owner
+
+
+@contextmanager
+def run_lock(run_dir: Path, wait: bool = False, poll_s: float = 1.0) -> Iterator[None]:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "run.lock"
+    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = _lock_owner(path)
+            if owner is None:  # stale lock of a dead process: take it over
+                path.unlink(missing_ok=True)
+                continue
+            if not wait:
+                raise RunInProgressError(
+                    f"run {run_dir.name} is being trained by process {owner.get('pid')} on {owner.get('host')}; "
+                    f"wait for it (run(..., wait=True)) or, if that process is gone, remove {path}") from None
+            time.sleep(poll_s)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(me)
+        break
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Environment record
+# ---------------------------------------------------------------------------------------------------------
+def environment_record(device: torch.device) -> dict:
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                                  timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+
+    import numpy
+
+    import ckd_study
+
+    versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
+                "ckd_study": ckd_study.__version__}
+    try:
+        import torchvision
+
+        versions["torchvision"] = torchvision.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return {
+        "git_commit": git("rev-parse", "HEAD"),
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "versions": versions,
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+        or platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+        "hostname": socket.gethostname(),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# run()
+# ---------------------------------------------------------------------------------------------------------
+_DATA_CACHE: dict[tuple, ImageDataset] = {}
+
+
+def dataset_for(config: RunConfig, device: torch.device, data_root: str | Path | None = None) -> ImageDataset:
+    """The (subset of the) dataset a config trains on, on ``device``; loaded once per process."""
+    key = (config.dataset, config.train_per_class, config.test_per_class, str(device), str(data_root))
+    if key not in _DATA_CACHE:
+        data = load_dataset(config.dataset, root=data_root)
+        if config.train_per_class is not None or config.test_per_class is not None:
+            data = data.subset(config.train_per_class, config.test_per_class, seed=0)
+        _DATA_CACHE[key] = data.to(device)
+    return _DATA_CACHE[key]
+
+
+def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch.device | None = None,
+        quiet: bool = False, wait: bool = False, data_root: str | Path | None = None,
+        step_hook=None) -> dict:
+    """Train ``config`` (resuming if interrupted) unless it already finished; return its summary.
+
+    ``wait=True`` waits for another process that holds the run's lock instead of raising
+    :class:`RunInProgressError`.
+    """
+    from .train import DeviceSetup, LiveTeacher, Trainer
+
+    store = store or RunStore()
+    run_id = config.run_id
+    run_dir = store.run_dir(run_id)
+    finished = store.summary(run_id) if (run_dir / "summary.json").exists() else None
+    if finished is not None:
+        return finished
+
+    teacher_summary = None
+    if config.teacher is not None:
+        teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait,
+                              data_root=data_root)
+
+    with run_lock(run_dir, wait=wait):
+        finished = store.summary(run_id)  # another process may have finished it while we waited
+        if finished is not None:
+            return finished
+        _check_or_write_config(run_dir, config)
+
+        setup = DeviceSetup.for_device(device)
+        data = dataset_for(config, setup.device, data_root)
+        torch.manual_seed(config.seed)
+        student = create_model(config.student, data.num_classes)
+        teacher_model = None
+        if config.teacher is not None:
+            teacher_model = store.load_model(config.teacher.run_id)
+            if teacher_model.num_classes != data.num_classes:
+                raise RunError(f"teacher {config.teacher.run_id} predicts {teacher_model.num_classes} classes, "
+                               f"the dataset has {data.num_classes}")
+        method = create_method(config.method, student, teacher_model, num_train=len(data.x_train),
+                               **config.method_options)
+        teacher_source = None
+        if teacher_model is not None:
+            teacher_model = setup.prepare_model(teacher_model).eval()
+            for p in teacher_model.parameters():
+                p.requires_grad_(False)
+            teacher_source = _teacher_source(config, teacher_model, teacher_summary, data, setup, store)
+        trainer = Trainer(config, data, student, method, teacher_source, setup, quiet=quiet, step_hook=step_hook)
+
+        latest = run_dir / "checkpoints" / "latest.pt"
+        if latest.exists():
+            ckpt = load_checkpoint(latest)
+            if ckpt.get("run_id") != run_id:
+                raise RunError(f"checkpoint {latest} belongs to run {ckpt.get('run_id')!r}, not {run_id!r}; "
+                               f"remove it to restart")
+            if teacher_summary is not None and ckpt.get("teacher_sha256") != teacher_summary["final_sha256"]:
+                raise RunError(f"checkpoint {latest} was trained against a different teacher checkpoint "
+                               f"(sha256 {str(ckpt.get('teacher_sha256'))[:12]}…, now "
+                               f"{teacher_summary['final_sha256'][:12]}…); remove it to restart the run")
+            trainer.load_state_dict(ckpt)
+        # Metric lines past the checkpoint come from an epoch that was killed before it was saved.
+        _write_metrics(run_dir, trainer.state.history)
+        atomic_write_json(run_dir / "environment.json", environment_record(setup.device))
+
+        teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
+        started = time.perf_counter()
+        wall_before = _wall_so_far(run_dir)
+
+        def save(tr: Trainer, record: dict) -> None:
+            _write_metrics(run_dir, tr.state.history)
+            ckpt = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "teacher_sha256": teacher_sha,
+                    "wall_time_s": wall_before + time.perf_counter() - started, **tr.state_dict()}
+            atomic_torch_save(ckpt, latest)
+
+        state = trainer.fit(on_epoch_end=save)
+        if hasattr(teacher_source, "save"):  # keep the teacher outputs this run computed for later runs
+            teacher_source.save()
+        final = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model_name": config.student,
+                 "num_classes": data.num_classes, "model": student.state_dict()}
+        final_sha = atomic_torch_save(final, run_dir / "checkpoints" / "final.pt")
+        last = state.history[-1]
+        images_per_s = [r["images_per_s"] for r in state.history]
+        summary = {
+            "run_id": run_id,
+            "status": "finished",
+            "method": config.method,
+            "student": config.student,
+            "teacher": config.teacher.student if config.teacher else None,
+            "teacher_run_id": config.teacher.run_id if config.teacher else None,
+            "teacher_sha256": teacher_sha,
+            "teacher_top1": teacher_summary["last_top1"] if teacher_summary else None,
+            "dataset": config.dataset,
+            "preset": config.preset,
+            "seed": config.seed,
+            "epochs": config.epochs,
+            "last_top1": last["test_top1"],
+            "last_top5": last["test_top5"],
+            "best_top1": state.best_top1,
+            "best_top5": state.best_top5,
+            "best_epoch": state.best_epoch,
+            "train_time_s": state.train_time_s,
+            "wall_time_s": wall_before + time.perf_counter() - started,
+            "images_per_s": sum(images_per_s) / len(images_per_s),
+            "final_sha256": final_sha,
+            "device": str(setup.device),
+        }
+        atomic_write_json(run_dir / "summary.json", summary)
+        return summary
+
+
+def _teacher_source(config, teacher_model, teacher_summary, data, setup, store):
+    """The live teacher, or the exact teacher-output cache when the config and method allow it."""
+    from .train import LiveTeacher
+
+    live = LiveTeacher(teacher_model, setup)
+    if not config.teacher_cache:
+        return live
+    try:
+        from .teacher_cache import cached_teacher_source
+    except ImportError:  # the cache module is optional for the engine
+        return live
+    return cached_teacher_source(live, method_class(config.method).teacher_outputs, teacher_summary, data,
+                                 setup, store) or live
+
+
+def _check_or_write_config(run_dir: Path, config: RunConfig) -> None:
+    path = run_dir / "config.json"
+    payload = {"run_id": config.run_id, "config": config.to_dict()}
+    if path.exists():
+        stored = read_json(path)
+        if stored.get("config") != payload["config"]:
+            raise RunError(f"{path} holds a different config than run {config.run_id!r} (edited by hand?). "
+                           f"Nothing was deleted: restore it or move the run folder away.")
+        return
+    atomic_write_json(path, payload)
+
+
+def _write_metrics(run_dir: Path, history: list[dict]) -> None:
+    atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
+
+
+def _wall_so_far(run_dir: Path) -> float:
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if not latest.exists():
+        return 0.0
+    try:
+        return float(torch.load(latest, map_location="cpu", weights_only=False).get("wall_time_s", 0.0))
+    except Exception:
+        return 0.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading results for tables and figures
+# ---------------------------------------------------------------------------------------------------------
+def load_results(store: RunStore | str | Path | None = None, *, epochs: bool = False, finished_only: bool = True):
+    """All stored run summaries as a DataFrame (one row per run, with config columns flattened as
+    ``option.<name>``); with ``epochs=True`` a second DataFrame of per-epoch metrics is returned too."""
+    import pandas as pd
+
+    store = store if isinstance(store, RunStore) else RunStore(store)
+    rows, epoch_rows = [], []
+    for run_id in store.run_ids():
+        if not (store.run_dir(run_id) / "config.json").exists():
+            continue
+        summary = store.summary(run_id)
+        if finished_only and summary is None:
+            continue
+        config = store.config(run_id)
+        row = {"run_id": run_id, "status": store.status(run_id), "method": config.method,
+               "student": config.student, "teacher": config.teacher.student if config.teacher else None,
+               "dataset": config.dataset, "preset": config.preset, "seed": config.seed, "epochs": config.epochs,
+               "batch_size": config.batch_size, "lr": config.base_lr, "schedule": config.schedule}
+        row.update({f"option.{k}": (tuple(v) if isinstance(v, list) else v)
+                    for k, v in config.method_options.items()})
+        row.update({k: v for k, v in (summary or {}).items() if k not in row})
+        rows.append(row)
+        if epochs:
+            for r in store.metrics(run_id):
+                epoch_rows.append({"run_id": run_id, "method": config.method, **r})
+    frame = pd.DataFrame(rows)
+    return (frame, pd.DataFrame(epoch_rows)) if epochs else frame

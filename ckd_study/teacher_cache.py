@@ -1,0 +1,158 @@
+"""Exact teacher-output cache.
+
+The standard augmentation has exactly 162 views per image (9×9 crop offsets × 2 flips, ``data.NUM_VIEWS``).
+The frozen teacher in eval mode maps each (sample, view) to fixed outputs, so its logits and pooled features
+can be computed once and looked up by ``sample * 162 + view`` instead of running the teacher every step.
+
+Values are stored in float16, on disk and on the training device. Every lookup returns the float16-rounded
+values, whether they were cached before or computed on a miss, so a run's result does not depend on how warm
+the cache was; it differs from the live teacher only by float16 rounding (tested).
+
+Filling is lazy by default (a miss runs the teacher on the missing images only): a single run never costs
+more than the live teacher, and runs that share a teacher and a seed (every method of a table) see the same
+views, so after the first run they never run the teacher. :meth:`TeacherOutputCache.fill_all` precomputes all
+162 views (worth it for long budgets: 240 epochs visit more views than that). Anything the cache cannot serve
+(no augmentation views, methods that read feature maps) falls back to the live teacher.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+
+from .data import NUM_VIEWS, Batch, ImageDataset, augment, decode_views
+from .models import ModelOutput
+
+CACHEABLE = frozenset({"logits", "pooled"})
+CACHE_FORMAT = 1
+
+
+class TeacherOutputCache:
+    """Dense float16 table of teacher outputs for ``num_samples × 162`` views, with a filled mask."""
+
+    def __init__(self, num_samples: int, dims: dict[str, int], device: torch.device | str = "cpu") -> None:
+        self.num_samples = num_samples
+        self.dims = dict(dims)
+        self.device = torch.device(device)
+        size = num_samples * NUM_VIEWS
+        self.values = {name: torch.zeros(size, dim, dtype=torch.float16, device=self.device)
+                       for name, dim in self.dims.items()}
+        self.filled = torch.zeros(size, dtype=torch.bool, device=self.device)
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def keys(indices: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
+        return indices * NUM_VIEWS + view_ids.to(indices.device)
+
+    @property
+    def coverage(self) -> float:
+        return float(self.filled.float().mean())
+
+    def get(self, keys: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {name: table[keys].float() for name, table in self.values.items()}
+
+    def put(self, keys: torch.Tensor, outputs: dict[str, torch.Tensor]) -> None:
+        for name, table in self.values.items():
+            table[keys] = outputs[name].to(torch.float16)
+        self.filled[keys] = True
+
+    # -- disk: only the filled entries, merged with what is on disk ---------------------------------
+    def save(self, path: Path) -> None:
+        from .runs import atomic_write_bytes
+
+        if path.exists():
+            self.merge_from(path)
+        keys = self.filled.nonzero().squeeze(1)
+        payload = {"format": CACHE_FORMAT, "num_samples": self.num_samples, "dims": self.dims,
+                   "keys": keys.cpu(), "values": {n: t[keys].cpu() for n, t in self.values.items()}}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write_bytes(path, buffer.getvalue())
+
+    def merge_from(self, path: Path) -> bool:
+        """Load the entries stored at ``path``; an unreadable or incompatible file is ignored (it is
+        derived data and will be rewritten), with a warning."""
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            ok = (payload.get("format") == CACHE_FORMAT and payload["num_samples"] == self.num_samples
+                  and payload["dims"] == self.dims)
+        except Exception as exc:  # corrupt cache files are rebuilt, never fatal
+            warnings.warn(f"teacher cache {path} is unreadable ({exc}); it will be rebuilt", stacklevel=2)
+            return False
+        if not ok:
+            warnings.warn(f"teacher cache {path} does not fit this teacher/dataset; it will be rebuilt", stacklevel=2)
+            return False
+        keys = payload["keys"].to(self.device)
+        self.put(keys, {n: v.to(self.device) for n, v in payload["values"].items()})
+        return True
+
+    @torch.no_grad()
+    def fill_all(self, model: torch.nn.Module, data: ImageDataset, setup, batch_size: int = 1000) -> None:
+        """Precompute all 162 views of every training image (skips what is filled already)."""
+        for view in range(NUM_VIEWS):
+            for start in range(0, self.num_samples, batch_size):
+                idx = torch.arange(start, min(start + batch_size, self.num_samples), device=self.device)
+                views = torch.full_like(idx, view)
+                keys = self.keys(idx, views)
+                if bool(self.filled[keys].all()):
+                    continue
+                images = augment(data.x_train[idx.to(data.x_train.device)], views.to(data.x_train.device),
+                                 data.mean, data.std)
+                with setup.autocast():
+                    out = model(setup.prepare_images(images))
+                self.put(keys, {n: getattr(out, n).float() for n in self.dims})
+
+
+class CachedTeacher:
+    """A teacher source that serves logits and pooled features from a :class:`TeacherOutputCache`."""
+
+    def __init__(self, live, cache: TeacherOutputCache, path: Path | None = None) -> None:
+        self.live = live
+        self.cache = cache
+        self.path = path
+
+    @torch.no_grad()
+    def __call__(self, batch: Batch) -> ModelOutput:
+        if batch.view_ids is None:
+            return self.live(batch)
+        keys = self.cache.keys(batch.indices, batch.view_ids)
+        hit = self.cache.filled[keys]
+        n_hit = int(hit.sum())
+        self.cache.hits += n_hit
+        if n_hit < len(keys):
+            miss = ~hit
+            self.cache.misses += len(keys) - n_hit
+            out = self.live(Batch(batch.images[miss], batch.labels[miss], batch.indices[miss], batch.view_ids[miss]))
+            self.cache.put(keys[miss], {n: getattr(out, n).float() for n in self.cache.dims})
+        values = self.cache.get(keys)
+        return ModelOutput(logits=values["logits"], feats=[], preact_feats=[], pooled=values["pooled"])
+
+    def save(self) -> None:
+        if self.path is not None:
+            self.cache.save(self.path)
+
+
+def cache_path(store_root: Path, teacher_sha256: str, data: ImageDataset) -> Path:
+    key = hashlib.sha256(f"{data.name}|{len(data.x_train)}|views{NUM_VIEWS}".encode()).hexdigest()[:12]
+    return store_root / "cache" / f"teacher-{teacher_sha256[:16]}-data-{key}.pt"
+
+
+def cached_teacher_source(live, needed_outputs, teacher_summary, data: ImageDataset, setup, store):
+    """A :class:`CachedTeacher` when the method reads only cacheable outputs, else None (live teacher)."""
+    if not set(needed_outputs) <= CACHEABLE:
+        return None
+    model = live.model
+    dims = {"logits": model.num_classes, "pooled": model.pooled_dim}
+    cache = TeacherOutputCache(len(data.x_train), dims, setup.device)
+    path = cache_path(store.root, teacher_summary["final_sha256"], data)
+    if path.exists():
+        cache.merge_from(path)
+    return CachedTeacher(live, cache, path)
+
+
+__all__ = ["TeacherOutputCache", "CachedTeacher", "cached_teacher_source", "cache_path", "decode_views"]
