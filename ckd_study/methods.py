@@ -136,6 +136,8 @@ def _warmup_factor(epoch: int, warmup: float) -> float:
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CEOptions:
+    """CE (methods.md §1): the student alone, cross-entropy; no options."""
+
     def validate(self, method: str) -> None:
         pass
 
@@ -155,7 +157,7 @@ class CE(Method):
 
 @dataclass(frozen=True)
 class KDOptions:
-    """KD (Hinton): ``ce_weight·CE + kd_weight·KD(τ)``. Defaults 0.1 / 0.9 / τ=4 (methods.md §1)."""
+    """KD (Hinton, methods.md §1): ``ce_weight·CE + kd_weight·KD(τ)``. Defaults: 0.1 / 0.9 / τ=4."""
 
     temperature: float = 4.0
     ce_weight: float = 0.1
@@ -185,7 +187,7 @@ class KD(Method):
 
 @dataclass(frozen=True)
 class KDLSOptions(KDOptions):
-    """KD with logit standardisation: z-scored logits, base temperature 2, KD weight 9, CE weight 0.1."""
+    """KD+LS (methods.md §1): KD on z-scored logits. Defaults: base temperature 2, KD weight 9, CE weight 0.1."""
 
     temperature: float = 2.0
     ce_weight: float = 0.1
@@ -203,7 +205,8 @@ class KDLS(KD):
 
 @dataclass(frozen=True)
 class DKDOptions:
-    """DKD: ``ce_weight·CE + w(epoch)·(α·TCKD + β·NCKD)``, τ=4, α=1, β=8, warm-up 20 epochs (methods.md §1).
+    """DKD (methods.md §1): ``ce_weight·CE + w(epoch)·(α·TCKD + β·NCKD)``. Defaults: τ=4, α=1, β=8, linear
+    warm-up over 20 epochs, CE weight 1.
 
     β is 2 for resnet56→20 and resnet110→32 and 6 for the vgg13/wrn_40_2 pairs; ``config.PAIR_METHOD_DEFAULTS``
     applies those per pair.
@@ -239,7 +242,8 @@ class DKD(Method):
 
 @dataclass(frozen=True)
 class DKDLSOptions(DKDOptions):
-    """DKD on z-scored logits; base temperature 2 as in the logit-standardisation release."""
+    """DKD+LS (methods.md §1): DKD on z-scored logits. Defaults as DKD (α=1, β=8, warm-up 20) but base
+    temperature 2, as in the logit-standardisation release."""
 
     temperature: float = 2.0
 
@@ -253,8 +257,10 @@ class DKDLS(DKD):
 
 @dataclass(frozen=True)
 class CRDOptions:
-    """CRD: linear heads to ``feat_dim`` + L2 norm on pooled features, ``nce_k`` negatives from memory banks,
-    NCE temperature 0.07, memory momentum 0.5, weight 0.8, CE weight 1 (methods.md §1)."""
+    """CRD (methods.md §1): linear heads + L2 norm on pooled features, negatives from memory banks.
+
+    Defaults: ``feat_dim`` 128, ``nce_k`` 16,384 negatives, NCE temperature 0.07, memory momentum 0.5,
+    weight 0.8, CE weight 1. Head input widths are inferred from the models' ``pooled_dim``."""
 
     feat_dim: int = 128
     nce_k: int = 16384
@@ -358,7 +364,7 @@ class CKD(Method):
 # ---------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class MCLDOptions:
-    """MCLD (our reimplementation; no public code): ``CE + λ_ins·L_ins + λ_sam·L_sam + w(epoch)·λ_cat·L_cat``.
+    """MCLD (methods.md §3; our reimplementation, no public code exists): ``CE + λ_ins·L_ins + λ_sam·L_sam + w(epoch)·λ_cat·L_cat``.
 
     Defaults (ours, used throughout the study): τ=1, L2-normalised logits, no target mask, sample-wise term in
     the ``reverse`` direction, λ = 50 for each term, a 20-epoch linear warm-up of the category-wise term.
@@ -418,7 +424,8 @@ class MCLD(Method):
 class DCDOptions:
     """DCD: ``CE + L_con + 0.5·L_cons`` on 128-d projections of the pooled features (methods.md §4).
 
-    Learnable inverse temperature κ = min(exp(θ), 10), θ initialised to 1, and a learnable bias b (which
+    Defaults: 128-d heads, learnable inverse temperature κ = min(exp(θ), 10), θ initialised to 1, consistency
+    weight 0.5, CE weight 1, no KD, and a learnable bias b (which
     provably gets zero gradient; kept for fidelity). ``fixed_temperature=τ`` replaces κ by 1/τ (divides, unlike
     the released code). ``kd_weight`` > 0 adds Hinton KD (τ=``kd_temperature``): that is DCD+KD.
     """
@@ -471,7 +478,7 @@ class DCD(Method):
 
 @dataclass(frozen=True)
 class DCDKDOptions(DCDOptions):
-    """DCD+KD: ``CE + KD(τ=4) + L_DCD`` (methods.md §4)."""
+    """DCD+KD (methods.md §4): ``CE + KD(τ=4) + L_DCD``; defaults as DCD with ``kd_weight`` 1."""
 
     kd_weight: float = 1.0
 

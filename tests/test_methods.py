@@ -1,0 +1,177 @@
+"""Registered methods: forward/backward on two small model pairs, owned parameters reach the optimiser."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from ckd_study.config import make_config
+from ckd_study.data import Batch, load_dataset
+from ckd_study.methods import MethodError, available_methods, build_options, create_method, method_class
+from ckd_study.models import create_model
+from ckd_study.train import DeviceSetup, LiveTeacher, Trainer
+
+PAIRS = [("resnet14", "resnet8"), ("wrn_16_2", "wrn_16_1")]
+NUM_CLASSES = 10
+EXPECTED_TERMS = {
+    "ce": {"ce"},
+    "kd": {"ce", "kd"},
+    "kd_ls": {"ce", "kd"},
+    "dkd": {"ce", "dkd_tckd", "dkd_nckd"},
+    "dkd_ls": {"ce", "dkd_tckd", "dkd_nckd"},
+    "crd": {"ce", "crd"},
+    "ckd": {"ce", "ckd_intra", "ckd_inter"},
+    "mcld": {"ce", "mcld_instance", "mcld_sample", "mcld_category"},
+    "dcd": {"ce", "dcd_contrastive", "dcd_consistency"},
+    "dcd_kd": {"ce", "dcd_contrastive", "dcd_consistency", "kd"},
+}
+SMALL_OPTIONS = {"crd": {"nce_k": 16}}
+
+
+def test_registry_is_complete():
+    assert set(available_methods()) == set(EXPECTED_TERMS)
+    with pytest.raises(MethodError, match="valid methods"):
+        method_class("fitnet")
+
+
+def _pair(teacher_name: str, student_name: str):
+    torch.manual_seed(0)
+    teacher = create_model(teacher_name, NUM_CLASSES).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    student = create_model(student_name, NUM_CLASSES)
+    return teacher, student
+
+
+@pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_method_forward_backward(name, pair):
+    teacher, student = _pair(*pair)
+    cls = method_class(name)
+    method = create_method(name, student, teacher if cls.needs_teacher else None, num_train=64,
+                           **SMALL_OPTIONS.get(name, {}))
+    x = torch.randn(8, 3, 32, 32)
+    labels = torch.arange(8) % NUM_CLASSES
+    indices = torch.arange(8) * 3
+    with torch.no_grad():
+        teacher_out = teacher(x) if cls.needs_teacher else None
+    terms = method(student(x), teacher_out, labels, indices, epoch=1)
+    assert set(terms) == EXPECTED_TERMS[name]
+    for term, value in terms.items():
+        assert value.dim() == 0 and value.dtype == torch.float32 and torch.isfinite(value), term
+    sum(terms.values()).backward()
+    assert all(p.grad is not None for p in student.parameters())
+    assert all(p.grad is None for p in teacher.parameters()), "gradient reached the teacher"
+    for pname, p in method.named_parameters():
+        assert p.grad is not None, f"{name}.{pname} got no gradient"
+        if pname != "bias":  # DCD's bias provably gets zero gradient (methods.md §4)
+            assert p.grad.abs().sum() > 0, f"{name}.{pname} got a zero gradient"
+
+
+@pytest.mark.parametrize("name", ["crd", "dcd", "dcd_kd"])
+def test_extra_modules_are_sized_from_the_models_and_reach_the_optimiser(name):
+    teacher, student = _pair("wrn_16_2", "resnet8")
+    data = load_dataset("digits").subset(8, 2)
+    config = make_config("smoke", method=name, student="resnet8", teacher="wrn_16_2")
+    method = create_method(name, student, teacher, num_train=len(data.x_train), **config.method_options)
+    heads = [m for m in method.modules() if isinstance(m, torch.nn.Linear)]
+    assert {h.in_features for h in heads} == {student.pooled_dim, teacher.pooled_dim} == {64, 128}
+    setup = DeviceSetup.for_device("cpu")
+    trainer = Trainer(config, data, student, method, LiveTeacher(teacher, setup), setup, quiet=True)
+    optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert method.parameters() and all(id(p) in optimised for p in method.parameters())
+    assert all(id(p) in optimised for p in student.parameters())
+    assert not any(id(p) in optimised for p in teacher.parameters())
+
+
+def test_ckd_terms_switch_off_and_options_reach_the_loss():
+    teacher, student = _pair("resnet14", "resnet8")
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.arange(6)
+    with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    both = create_method("ckd", student, teacher)(s, t, labels, None, 1)
+    intra = create_method("ckd", student, teacher, terms=("intra",))(s, t, labels, None, 1)
+    inter = create_method("ckd", student, teacher, terms=["inter"])(s, t, labels, None, 1)
+    assert set(intra) == {"ce", "ckd_intra"} and set(inter) == {"ce", "ckd_inter"}
+    assert torch.allclose(both["ckd_intra"], intra["ckd_intra"]) and torch.allclose(both["ckd_inter"], inter["ckd_inter"])
+    hot = create_method("ckd", student, teacher, temperature=0.5)(s, t, labels, None, 1)
+    assert not torch.allclose(hot["ckd_inter"], both["ckd_inter"])
+    from ckd_study.losses import ckd_loss
+
+    expected = ckd_loss(s.logits, t.logits, temperature=1.0)
+    assert torch.allclose(both["ckd_intra"] + both["ckd_inter"], 100.0 * expected.total)
+
+
+def test_warmups_follow_the_epoch():
+    teacher, student = _pair("resnet14", "resnet8")
+    x = torch.randn(6, 3, 32, 32)
+    labels = torch.arange(6)
+    with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    dkd = create_method("dkd", student, teacher, warmup=20)
+    early, late = dkd(s, t, labels, None, 5), dkd(s, t, labels, None, 40)
+    assert torch.allclose(early["dkd_nckd"] * 4, late["dkd_nckd"])
+    mcld = create_method("mcld", student, teacher, warmup=10)
+    early, late = mcld(s, t, labels, None, 2), mcld(s, t, labels, None, 10)
+    assert torch.allclose(early["mcld_category"] * 5, late["mcld_category"])
+    assert torch.allclose(early["mcld_instance"], late["mcld_instance"])
+
+
+def test_dcd_fixed_temperature_divides():
+    teacher, student = _pair("resnet14", "resnet8")
+    method = create_method("dcd", student, teacher, fixed_temperature=0.1)
+    x = torch.randn(6, 3, 32, 32)
+    with torch.no_grad():
+        t = teacher(x)
+    s = student(x)
+    from ckd_study.losses import dcd_loss
+
+    u = method.head_student(s.pooled)
+    v = method.head_teacher(t.pooled)
+    expected = dcd_loss(u, v, None, method.bias, fixed_temperature=0.1)
+    got = method(s, t, torch.arange(6), None, 1)
+    assert torch.allclose(got["dcd_contrastive"], expected.contrastive)
+    # dividing by 0.1 gives logits ten times the cosines: far from the 0.07-multiplied released variant
+    logits = torch.nn.functional.normalize(u, dim=1) @ torch.nn.functional.normalize(v, dim=1).T / 0.1
+    ce = torch.nn.functional.cross_entropy(logits + method.bias, torch.arange(6))
+    assert torch.allclose(got["dcd_contrastive"], ce, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, options, message", [
+    ("ckd", {"temperature": -1.0}, "temperature"),
+    ("ckd", {"anchor": "sideways"}, "anchor"),
+    ("ckd", {"negatives": "all"}, "negatives"),
+    ("ckd", {"terms": ()}, "terms"),
+    ("kd", {"temprature": 4.0}, "unknown option"),
+    ("mcld", {"target_mask": "everything"}, "target_mask"),
+    ("mcld", {"components": ("global",)}, "components"),
+    ("dcd", {"fixed_temperature": 0.0}, "fixed_temperature"),
+    ("crd", {"nce_m": 1.5}, "nce_m"),
+    ("dkd", {"beta": -2.0}, "beta"),
+])
+def test_invalid_options_raise_clear_errors(name, options, message):
+    teacher, student = _pair("resnet14", "resnet8")
+    with pytest.raises(MethodError, match=message):
+        create_method(name, student, teacher, **options)
+
+
+def test_teacherless_and_teacher_requirements():
+    teacher, student = _pair("resnet14", "resnet8")
+    with pytest.raises(MethodError, match="teacher"):
+        create_method("kd", student, None)
+    assert create_method("ce", student).loss_terms is not None
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_docstrings_state_defaults_and_cite_the_spec(name):
+    cls = method_class(name)
+    doc = (cls.Options.__doc__ or "") + (cls.__doc__ or "")
+    assert "methods.md" in doc, f"{name}: docstring must cite the spec section"
+    fields = [f.name for f in dataclasses.fields(build_options(name))]
+    if fields:
+        assert "default" in doc.lower(), f"{name}: docstring must state the defaults"

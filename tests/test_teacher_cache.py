@@ -1,0 +1,132 @@
+"""The exact teacher-output cache: float16-exact lookups, persistence, and run results independent of warmth."""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+
+import pytest
+import torch
+
+from ckd_study.config import make_config, teacher_config
+from ckd_study.data import NUM_VIEWS, Batch, augment, load_dataset, sample_views
+from ckd_study.models import create_model
+from ckd_study.runs import RunStore, run
+from ckd_study.teacher_cache import CachedTeacher, TeacherOutputCache, cache_path, cached_teacher_source
+from ckd_study.train import DeviceSetup, LiveTeacher
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    data = load_dataset("digits").subset(6, 2)
+    teacher = create_model("resnet14", data.num_classes).eval()
+    dev = DeviceSetup.for_device("cpu")
+    return data, teacher, dev
+
+
+def _batch(data, n=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(data.x_train), generator=g)[:n]
+    views = sample_views(n, g)
+    images = augment(data.x_train[idx], views, data.mean, data.std)
+    return Batch(images, data.y_train[idx], idx, views)
+
+
+def _fp16_close(cached, live):
+    # float16 has an 11-bit significand: relative rounding error at most 2^-11
+    assert torch.all((cached - live).abs() <= live.abs() * 2.0**-11 + 1e-6)
+
+
+def test_cache_matches_live_teacher_within_float16_rounding(setup):
+    data, teacher, dev = setup
+    live = LiveTeacher(teacher, dev)
+    cache = TeacherOutputCache(len(data.x_train), {"logits": teacher.num_classes, "pooled": teacher.pooled_dim})
+    cached = CachedTeacher(live, cache)
+    batch = _batch(data)
+    first = cached(batch)
+    reference = live(batch)
+    _fp16_close(first.logits, reference.logits)
+    _fp16_close(first.pooled, reference.pooled)
+    assert cache.misses == len(batch.indices) and cache.hits == 0
+    second = cached(batch)
+    assert cache.hits == len(batch.indices)
+    assert torch.equal(first.logits, second.logits) and torch.equal(first.pooled, second.pooled)
+    # A batch mixing cached and new views: hits and misses are served consistently.
+    mixed = _batch(data, n=20, seed=1)
+    out = cached(mixed)
+    _fp16_close(out.logits, live(mixed).logits)
+
+
+def test_unaugmented_batches_fall_back_to_the_live_teacher(setup):
+    data, teacher, dev = setup
+    live = LiveTeacher(teacher, dev)
+    cache = TeacherOutputCache(len(data.x_train), {"logits": teacher.num_classes, "pooled": teacher.pooled_dim})
+    b = _batch(data)
+    out = CachedTeacher(live, cache)(Batch(b.images, b.labels, b.indices, None))
+    assert torch.equal(out.logits, live(b).logits) and cache.filled.sum() == 0
+
+
+def test_methods_reading_feature_maps_get_no_cache(setup, tmp_path):
+    data, teacher, dev = setup
+    live = LiveTeacher(teacher, dev)
+    summary = {"final_sha256": "ab" * 32}
+    assert cached_teacher_source(live, {"feats"}, summary, data, dev, RunStore(tmp_path)) is None
+    assert isinstance(cached_teacher_source(live, {"logits"}, summary, data, dev, RunStore(tmp_path)), CachedTeacher)
+
+
+def test_fill_all_covers_every_view_exactly(setup):
+    data, teacher, dev = setup
+    small = data.subset(1, 1)
+    cache = TeacherOutputCache(len(small.x_train), {"logits": teacher.num_classes, "pooled": teacher.pooled_dim})
+    cache.fill_all(teacher, small, dev, batch_size=7)
+    assert cache.coverage == 1.0
+    idx = torch.tensor([3, 7, 0])
+    views = torch.tensor([0, 161, 85])
+    with torch.no_grad():
+        live = teacher(augment(small.x_train[idx], views, small.mean, small.std))
+    _fp16_close(cache.get(cache.keys(idx, views))["logits"], live.logits)
+
+
+def test_save_merge_and_corrupt_file(setup, tmp_path):
+    data, teacher, dev = setup
+    dims = {"logits": teacher.num_classes, "pooled": teacher.pooled_dim}
+    a = TeacherOutputCache(len(data.x_train), dims)
+    CachedTeacher(LiveTeacher(teacher, dev), a)(_batch(data, seed=3))
+    path = tmp_path / "cache.pt"
+    a.save(path)
+    b = TeacherOutputCache(len(data.x_train), dims)
+    CachedTeacher(LiveTeacher(teacher, dev), b)(_batch(data, seed=4))
+    b.save(path)  # merges a's entries from disk
+    c = TeacherOutputCache(len(data.x_train), dims)
+    assert c.merge_from(path)
+    assert torch.equal(c.filled, a.filled | b.filled)
+    keys = a.filled.nonzero().squeeze(1)
+    assert torch.equal(c.values["logits"][keys], a.values["logits"][keys])
+    path.write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="rebuilt"):
+        assert not TeacherOutputCache(len(data.x_train), dims).merge_from(path)
+    assert NUM_VIEWS == 162
+
+
+def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
+    cold = RunStore(tmp_path / "cold")
+    config = make_config("smoke", method="kd", deterministic=True)
+    first = run(config, store=cold, quiet=True)
+    teacher_summary = cold.summary(config.teacher.run_id)
+    data = load_dataset("digits").subset(config.train_per_class, config.test_per_class, seed=0)
+    path = cache_path(cold.root, teacher_summary["final_sha256"], data)
+    assert path.exists(), "the run stored the teacher outputs it computed"
+
+    warm = RunStore(tmp_path / "warm")
+    shutil.copytree(cold.run_dir(config.teacher.run_id), warm.run_dir(config.teacher.run_id))
+    shutil.copytree(cold.root / "cache", warm.root / "cache")
+    second = run(config, store=warm, quiet=True)
+    assert second["final_sha256"] == first["final_sha256"]
+    assert second["last_top1"] == first["last_top1"]
+
+    # The same config without the cache distils from unrounded teacher outputs: a different run id, and
+    # numbers that agree to within training noise (not asserted: they may differ in the last bits).
+    live_cfg = config.replace(teacher_cache=False)
+    assert live_cfg.run_id != config.run_id
+    assert run(live_cfg, store=warm, quiet=True)["status"] == "finished"
