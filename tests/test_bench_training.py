@@ -1,0 +1,134 @@
+"""The training-speed benchmark (benchmarks/bench_training.py): end to end on tiny settings, and a check that its
+conventional reference loop optimises the same objective as our engine. No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_training as bt  # noqa: E402
+from reference_loop import InMemoryCIFAR100, cifar_train_transform, make_train_loader  # noqa: E402
+
+from ckd_study.data import NUM_VIEWS, Batch, augment  # noqa: E402
+from ckd_study.train import DeviceSetup  # noqa: E402
+
+TINY = ["--dataset", "synthetic", "--teacher", "resnet14", "--student", "resnet8", "--batch-size", "8",
+        "--steps", "2", "--warmup", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
+
+
+@pytest.mark.parametrize("in_process", [False, True], ids=["subprocess", "in_process"])
+def test_benchmark_runs_end_to_end(tmp_path, capsys, in_process):
+    out = tmp_path / "bench.json"
+    report = bt.main(TINY + ["--json", str(out)] + (["--in-process"] if in_process else []))
+    stored = json.loads(out.read_text())
+    assert stored["variants"].keys() == set(bt.VARIANTS)
+    for key in ("settings", "flops_per_image", "variants", "ratios", "target", "notes", "device", "versions",
+                "ckd", "recipe"):
+        assert key in stored, key
+    flops = stored["flops_per_image"]
+    assert 0 < flops["teacher_forward"] and 0 < flops["student_forward"] < flops["student_forward_backward"]
+    assert flops["useful_per_image"] == pytest.approx(flops["teacher_forward"] + flops["student_forward_backward"])
+    for name, r in stored["variants"].items():
+        for key in ("images_per_s", "seconds", "step_ms_mean", "useful_gflop_per_s", "executed_gflop_per_s",
+                    "peak_rss_mb", "seconds_per_epoch_50k", "projected_240_epochs_h", "mean_train_loss"):
+            assert r[key] > 0, (name, key)
+        assert r["timed_steps"] == 2 and r["images_timed"] == 16 and r["steps_done"] == 3
+        assert r["memory_isolated"] is (not in_process)
+    live, cached = stored["variants"]["ours_live"], stored["variants"]["ours_cached"]
+    assert live["executed_gflop_per_s"] == pytest.approx(live["useful_gflop_per_s"])
+    cache = cached["cache"]
+    assert cache["hit_rate_timed"] == 1.0 and cache["misses_timed"] == 0 and cache["hits_timed"] == 16
+    assert cache["fill_views"] == 24 and cache["fill_s_per_view"] > 0
+    assert cached["teacher_forwards_per_image"] == 0.0
+    assert cached["executed_gflop_per_s"] < cached["useful_gflop_per_s"]
+    assert set(stored["ratios"]) == {"ours_live/reference", "ours_cached/reference"}
+    assert stored["target"]["threshold"] == 2.0 and isinstance(stored["target"]["met"], bool)
+    assert report["variants"].keys() == stored["variants"].keys()
+    printed = capsys.readouterr().out
+    assert "| reference |" in printed and "| ours_cached |" in printed and "Target on CPU" in printed
+
+
+def test_variants_flag_selects_variants(tmp_path):
+    stored = bt.main(TINY + ["--in-process", "--variants", "ours_live", "--json", str(tmp_path / "b.json")])
+    assert list(stored["variants"]) == ["ours_live"] and stored["ratios"] == {} and stored["target"] is None
+    with pytest.raises(SystemExit):
+        bt.parse_args(TINY + ["--variants", "nope"])
+
+
+class _OneBatch:
+    """Stands in for the Trainer's BatchIterator: one given batch per epoch."""
+
+    def __init__(self, batch: Batch) -> None:
+        self.batch = batch
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self):
+        yield self.batch
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["live_teacher", "cached_teacher"])
+def test_reference_loop_and_engine_compute_the_same_loss(cached):
+    """One augmented batch drawn by the conventional pipeline (torchvision's CIFAR100.__getitem__, PIL
+    transforms, DataLoader) goes through the reference step and through Trainer.train_epoch from identical
+    weights: same loss (1e-5 relative; the cache's float16 teacher outputs: 1e-3) and the same SGD update."""
+    from torchvision.datasets import CIFAR100
+
+    torch.set_num_threads(1)
+    B = 8
+    subset = bt.benchmark_subset("synthetic", Path("."), B)
+    data = bt.subset_dataset(subset)
+    config = bt.engine_config({"teacher": "resnet14", "student": "resnet8", "batch_size": B, "compile": False},
+                              data.name)
+    assert config.method == "ckd" and config.method_options["weight"] == 100.0
+
+    # the conventional pipeline: torchvision's own __getitem__ (Image.fromarray + PIL transforms)
+    dataset = InMemoryCIFAR100(data.x_train.permute(0, 2, 3, 1).numpy(), data.y_train.tolist(), data.classes,
+                               cifar_train_transform(data.mean, data.std))
+    assert type(dataset).__getitem__ is CIFAR100.__getitem__ and len(dataset) == B
+    images, labels = next(iter(make_train_loader(dataset, B, 0, torch.device("cpu"), seed=3)))
+
+    # recover each image's (sample, view): exactly one of the B x 162 on-device views matches it bit for bit
+    n = len(data.x_train)
+    cand_idx = torch.arange(n).repeat_interleave(NUM_VIEWS)
+    cand_view = torch.arange(NUM_VIEWS).repeat(n)
+    candidates = augment(data.x_train[cand_idx], cand_view, data.mean, data.std).flatten(1)
+    idx, views = [], []
+    for image in images:
+        match = ((candidates - image.flatten()).abs().amax(1) == 0).nonzero().flatten()
+        assert len(match) == 1
+        idx.append(int(cand_idx[match])), views.append(int(cand_view[match]))
+    idx, views = torch.tensor(idx), torch.tensor(views)
+    assert torch.equal(labels, data.y_train[idx])
+    batch = Batch(augment(data.x_train[idx], views, data.mean, data.std), data.y_train[idx], idx, views)
+    assert torch.equal(batch.images, images)
+
+    # identical initial weights on both sides
+    ref_student, ref_teacher = bt.reference_models(config, data.num_classes)
+    trainer, cache = bt.build_engine(config, data, DeviceSetup.for_device("cpu"), cached=cached)
+    for ours, ref in ((trainer.student, ref_student), (trainer.teacher_source.model if not cached
+                                                       else trainer.teacher_source.live.model, ref_teacher)):
+        for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
+            assert torch.equal(a, b), name
+
+    trainer.train_batches = _OneBatch(batch)
+    record = trainer.train_epoch(1)
+    distiller = bt.reference_distiller(config, ref_student, ref_teacher, "cpu")
+    ref_loss = distiller.step(images, labels)
+    assert record["train_loss"] == pytest.approx(ref_loss, rel=1e-3 if cached else 1e-5)
+    if cached:
+        assert cache.misses == B
+    else:
+        for (name, a), b in zip(trainer.student.state_dict().items(), ref_student.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} after one SGD step")
