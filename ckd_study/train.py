@@ -162,6 +162,8 @@ class Trainer:
         self.quiet = quiet
         self.step_hook = step_hook
         self.forward = torch.compile(self.student) if config.compile else self.student
+        if setup.device.type == "cuda" and not config.deterministic:
+            torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick the fastest kernels
         params = list(self.student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=config.base_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
