@@ -1,0 +1,59 @@
+"""The committed quick-preset reference outputs are exactly what `make figures` rebuilds from the stored runs.
+
+The quick study's run summaries (config, metrics, summary, environment; no checkpoints) and derived analysis
+files live in ``results/``; its tables and figures in ``figures/quick/``. Rebuilding from a copy of the store
+without any checkpoint must reproduce every committed table byte for byte, and the README's main table must
+be the committed one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ckd_study import study
+from ckd_study.runs import RunStore
+
+REPO = Path(__file__).resolve().parent.parent
+COMMITTED = REPO / "figures" / "quick"
+
+
+def _committed_store_complete() -> bool:
+    plan = study.plan("quick", RunStore(REPO / "results"))
+    return len(plan) > 0 and bool((plan["status"] == "finished").all())
+
+
+pytestmark = pytest.mark.skipif(not (COMMITTED / "main_table.csv").exists(),
+                                reason="no committed quick-preset outputs in figures/quick/")
+
+
+@pytest.fixture(scope="module")
+def rebuilt(tmp_path_factory) -> Path:
+    assert _committed_store_complete(), "figures/quick exists but results/ lacks finished quick runs"
+    tmp = tmp_path_factory.mktemp("fresh")
+    # A fresh clone: the store without checkpoints or teacher caches (they are never committed).
+    shutil.copytree(REPO / "results", tmp / "results", ignore=shutil.ignore_patterns("checkpoints", "cache", "*.lock"))
+    study.rebuild_figures("quick", store=tmp / "results", figures_dir=tmp / "figures", verbose=False)
+    return tmp / "figures" / "quick"
+
+
+def test_every_committed_table_is_rebuilt_identically(rebuilt):
+    tables = sorted(p.name for p in COMMITTED.iterdir() if p.suffix in {".csv", ".md", ".tex"})
+    assert "main_table.tex" in tables and len(tables) >= 10
+    for name in tables:
+        assert (rebuilt / name).read_bytes() == (COMMITTED / name).read_bytes(), name
+
+
+def test_every_committed_figure_is_rebuilt(rebuilt):
+    figures = sorted(p.name for p in COMMITTED.iterdir() if p.suffix in {".png", ".pdf"})
+    assert len(figures) >= 14
+    for name in figures:
+        assert (rebuilt / name).stat().st_size > 0, name
+
+
+def test_readme_shows_the_committed_main_table():
+    readme = (REPO / "README.md").read_text()
+    table_lines = [line for line in (COMMITTED / "main_table.md").read_text().splitlines() if line.startswith("|")]
+    assert table_lines and all(line in readme for line in table_lines)
