@@ -6,7 +6,10 @@ can be computed once and looked up by ``sample * 162 + view`` instead of running
 
 Values are stored in float16, on disk and on the training device. Every lookup returns the float16-rounded
 values, whether they were cached before or computed on a miss, so a run's result does not depend on how warm
-the cache was; it differs from the live teacher only by float16 rounding (tested).
+the cache was; it differs from the live teacher only by float16 rounding (tested). One caveat: a miss is
+computed on the sub-batch of missing images, and on CPU the last float32 bits of a convolution can depend on
+the batch composition, which can (rarely) flip a float16 rounding; bit-identical reruns therefore need the
+same cache state or ``teacher_cache=False``.
 
 Filling is lazy by default (a miss runs the teacher on the missing images only): a single run never costs
 more than the live teacher, and runs that share a teacher and a seed (every method of a table) see the same

@@ -8,6 +8,7 @@ be the committed one.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,8 @@ pytestmark = pytest.mark.skipif(not (COMMITTED / "main_table.csv").exists(),
 
 
 @pytest.fixture(scope="module")
-def rebuilt(tmp_path_factory) -> Path:
+def rebuilt(tmp_path_factory, cifar_root) -> Path:
+    os.environ.setdefault("CKD_DATA_DIR", str(cifar_root))
     assert _committed_store_complete(), "figures/quick exists but results/ lacks finished quick runs"
     tmp = tmp_path_factory.mktemp("fresh")
     # A fresh clone: the store without checkpoints or teacher caches (they are never committed).
