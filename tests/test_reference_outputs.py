@@ -32,7 +32,7 @@ pytestmark = pytest.mark.skipif(not (COMMITTED / "main_table.csv").exists(),
 
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory, cifar_root) -> Path:
-    os.environ.setdefault("CKD_DATA_DIR", str(cifar_root))
+    os.environ["CKD_DATA_DIR"] = str(cifar_root)  # where plan() finds the dataset
     assert _committed_store_complete(), "figures/quick exists but results/ lacks finished quick runs"
     tmp = tmp_path_factory.mktemp("fresh")
     # A fresh clone: the store without checkpoints or teacher caches (they are never committed).
