@@ -78,6 +78,14 @@ class _OneBatch:
         yield self.batch
 
 
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The benchmark sets torch's thread count in-process; later tests must not inherit it."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("cached", [False, True], ids=["live_teacher", "cached_teacher"])
 def test_reference_loop_and_engine_compute_the_same_loss(cached):
     """One augmented batch drawn by the conventional pipeline (torchvision's CIFAR100.__getitem__, PIL

@@ -118,6 +118,8 @@ def test_bad_method_option_is_clear():
 def _kill_script(results: Path, kill_epoch: int, kill_step: int) -> str:
     return textwrap.dedent(f"""
         import os, signal
+        import torch
+        torch.set_num_threads({torch.get_num_threads()})  # the parent's: reductions must split the same way
         from ckd_study.config import make_config
         from ckd_study.runs import RunStore, run
         config = make_config("smoke", method="crd", epochs=3, milestones=(2,), deterministic=True, teacher_cache=False)
