@@ -325,8 +325,10 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         trainer = Trainer(config, data, student, method, teacher_source, setup, quiet=quiet, step_hook=step_hook)
 
         latest = run_dir / "checkpoints" / "latest.pt"
+        wall_before = 0.0  # wall time of the epochs done before an interruption
         if latest.exists():
             ckpt = load_checkpoint(latest)
+            wall_before = float(ckpt.get("wall_time_s", 0.0))
             if ckpt.get("run_id") != run_id:
                 raise RunError(f"checkpoint {latest} belongs to run {ckpt.get('run_id')!r}, not {run_id!r}; "
                                f"remove it to restart")
@@ -341,7 +343,6 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
 
         teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
         started = time.perf_counter()
-        wall_before = _wall_so_far(run_dir)
 
         def save(tr: Trainer, record: dict) -> None:
             _write_metrics(run_dir, tr.state.history)
@@ -414,16 +415,6 @@ def _check_or_write_config(run_dir: Path, config: RunConfig) -> None:
 
 def _write_metrics(run_dir: Path, history: list[dict]) -> None:
     atomic_write_bytes(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history).encode())
-
-
-def _wall_so_far(run_dir: Path) -> float:
-    latest = run_dir / "checkpoints" / "latest.pt"
-    if not latest.exists():
-        return 0.0
-    try:
-        return float(torch.load(latest, map_location="cpu", weights_only=False).get("wall_time_s", 0.0))
-    except Exception:
-        return 0.0
 
 
 # ---------------------------------------------------------------------------------------------------------
