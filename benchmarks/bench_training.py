@@ -4,9 +4,9 @@
 Usage:  python benchmarks/bench_training.py [--steps N] [--warmup N] [--batch-size 64]
             [--teacher resnet32x4] [--student resnet8x4] [--workers 2] [--threads N] [--device cpu|cuda]
             [--data-dir DIR] [--dataset cifar100|cifar10|digits|synthetic] [--json PATH] [--compile]
-            [--variants reference,ours_live,ours_cached] [--in-process]
-        ``make bench`` runs it with the defaults (CPU: 12 timed steps of 64 after 2 warm-up steps per variant,
-        an estimated 2-3 minutes in all on 2 quiet cores; CUDA: 200 after 20).
+            [--variants reference,ours_live,ours_cached] [--rounds R] [--in-process]
+        ``make bench`` runs it with the defaults (CPU: 3 rounds of 12 timed steps of 64 after 2 warm-up steps
+        per variant, about 5 minutes in all on 2 cores; CUDA: 1 round of 200 after 20).
 
 The variants train the same pair (default resnet32x4 -> resnet8x4) with CKD (the study's per-pair options,
 lambda=100, tau=1 for this pair), the same batch size, the same SGD recipe, on the same images (a fixed random
@@ -26,6 +26,11 @@ ours_cached  the same with the exact teacher-output cache (``ckd_study.teacher_c
              run does on first sight of a view; it is timed separately and reported per image-view), then
              the timed epoch replays the same (seed, epoch) plan, so every timed step is a cache hit (the hit
              rate is measured and reported).
+
+Rounds: each round runs every variant once, in the given order in odd rounds and reversed in even ones, and
+each variant reports its median round (all rounds are kept in the JSON, with the per-round paired ratios): on a
+shared CPU the throughput drifts by tens of percent within minutes, which one pass in a fixed order would fold
+into the ratio.
 
 Every variant runs in a fresh subprocess (``--in-process`` runs them in this one), so its peak memory is its
 own: on CPU the peak resident set of the process (VmHWM of /proc/self/status; ``ru_maxrss`` of a freshly
@@ -71,6 +76,7 @@ from ckd_study.data import (CIFAR100_MEAN, CIFAR100_STD, NUM_VIEWS, DatasetError
                             ImageDataset, available_datasets, load_dataset)
 from ckd_study.methods import create_method  # noqa: E402
 from ckd_study.models import create_model  # noqa: E402
+from ckd_study.runs import cpu_name  # noqa: E402
 from ckd_study.teacher_cache import CachedTeacher, TeacherOutputCache  # noqa: E402
 from ckd_study.train import DeviceSetup, LiveTeacher, Trainer  # noqa: E402
 
@@ -79,6 +85,9 @@ FULL_TRAIN_IMAGES = 50_000
 RUN_EPOCHS = 240
 CPU_TARGET_RATIO = 2.0
 DEFAULT_STEPS = {"cpu": (12, 2), "cuda": (200, 20)}  # (timed steps, warm-up steps) per device type
+# Rounds per variant: a shared CPU drifts by tens of percent within minutes (load from other tenants,
+# clock changes), so CPU variants run in alternating order over several rounds and the median round counts.
+DEFAULT_ROUNDS = {"cpu": 3, "cuda": 1}
 SEED = 0
 
 
@@ -412,6 +421,17 @@ def _spawn(child_dir: Path, variant: str) -> dict:
     return json.loads(out.read_text())
 
 
+def median_round(recs: list[dict]) -> dict:
+    """The record of a variant's median round by images/s (the lower median for an even count), with every
+    round's throughput attached so that the spread stays visible."""
+    ranked = sorted(recs, key=lambda rec: rec["images_per_s"])
+    chosen = dict(ranked[(len(ranked) - 1) // 2])
+    chosen["rounds"] = [{"round": rec["round"], "images_per_s": rec["images_per_s"],
+                         "step_ms_mean": rec["step_ms_mean"], "peak_rss_mb": rec["peak_rss_mb"]} for rec in recs]
+    chosen["images_per_s_rounds"] = [rec["images_per_s"] for rec in recs]
+    return chosen
+
+
 # ---------------------------------------------------------------------------------------------------------
 # FLOPs
 # ---------------------------------------------------------------------------------------------------------
@@ -514,7 +534,9 @@ def markdown(report: dict) -> str:
         f"({s['device']}), torch {report['versions']['torch']}, {report['threads']} threads",
         "",
         f"{s['steps']} timed steps after {s['warmup']} warm-up steps per variant, on the same {s['num_images']} "
-        f"{report['dataset']} training images; teacher weights random (speed does not depend on the weights).",
+        f"{report['dataset']} training images; teacher weights random (speed does not depend on the weights). "
+        + (f"{s['rounds']} rounds over the variants in alternating order; each row is the variant's median round."
+           if s.get("rounds", 1) > 1 else ""),
         "",
     ]
     head = ["variant", "images/s", "× reference", "ms/step", "useful GFLOP/s", "executed GFLOP/s",
@@ -549,6 +571,10 @@ def markdown(report: dict) -> str:
             f"fill_all costs {NUM_VIEWS} teacher forwards per image (≈{c['fill_all_seconds_50k'] / 3600:.2f} h), "
             f"paid once for every run sharing the teacher. Cache table for 50k images: "
             f"{c['table_full_train_gb']:.1f} GiB (this benchmark's: {c['table_mb']:.0f} MiB, in its peak memory).")
+    for name, values in report.get("round_ratios", {}).items():
+        if len(values) > 1:
+            lines.append(f"{name} per round (same round, paired): "
+                         + ", ".join(f"{v:.2f}×" for v in values) + ".")
     t = report.get("target")
     if t:
         lines.append(f"Target on CPU: ours_cached / reference = {t['ratio']:.2f}× (≥ {t['threshold']:g}×): "
@@ -570,6 +596,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=None,
                     help="untimed warm-up steps before them, >= 1 (default: %d on CPU, %d on CUDA)"
                     % (DEFAULT_STEPS["cpu"][1], DEFAULT_STEPS["cuda"][1]))
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds over the variants, in alternating order; each variant reports its median round "
+                         "(default: %d on CPU, %d on CUDA)" % (DEFAULT_ROUNDS["cpu"], DEFAULT_ROUNDS["cuda"]))
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--teacher", default="resnet32x4")
     ap.add_argument("--student", default="resnet8x4")
@@ -605,6 +634,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     steps, warmup = DEFAULT_STEPS[device.type]
     args.steps = steps if args.steps is None else args.steps
     args.warmup = warmup if args.warmup is None else args.warmup
+    args.rounds = DEFAULT_ROUNDS[device.type] if args.rounds is None else args.rounds
+    if args.rounds < 1:
+        ap.error("--rounds must be >= 1")
     if args.steps < 1 or args.warmup < 1:
         ap.error("--steps and --warmup must be >= 1 (the clock starts at the end of the last warm-up step)")
     if args.batch_size < 2:
@@ -617,22 +649,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _meta(device: torch.device) -> dict:
     import numpy
     import torchvision
 
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "device": str(device),
@@ -664,7 +685,7 @@ def main(argv=None) -> dict:
         raise SystemExit(f"bench_training: {exc}") from None
     settings = {"device": args.device, "steps": args.steps, "warmup": args.warmup, "batch_size": args.batch_size,
                 "teacher": args.teacher, "student": args.student, "workers": args.workers, "threads": args.threads,
-                "compile": args.compile, "num_images": num_images, "variants": list(args.variants),
+                "compile": args.compile, "num_images": num_images, "rounds": args.rounds, "variants": list(args.variants),
                 "in_process": args.in_process, "dataset": args.dataset,
                 "data_dir": str(args.data_dir) if args.dataset in ("cifar100", "cifar10") else None,
                 "image_choice": f"{num_images} of the {subset['source_train_images']} training images, "
@@ -675,22 +696,30 @@ def main(argv=None) -> dict:
     meta.update(dataset=subset["name"], method="ckd", ckd=dict(config.method_options),
                 recipe={"lr": config.base_lr, "momentum": config.momentum, "weight_decay": config.weight_decay})
 
-    results: dict = {}
-    if args.in_process:
-        for variant in args.variants:
-            reset_peak_rss()
-            rec = run_variant(variant, subset, settings)
-            rec["memory_isolated"] = False
-            results[variant] = rec
-    else:
-        with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
-            child_dir = Path(tmp)
+    rounds: dict[str, list[dict]] = {v: [] for v in args.variants}
+    with tempfile.TemporaryDirectory(prefix="bench_training_") as tmp:
+        child_dir = Path(tmp)
+        if not args.in_process:
             torch.save(subset, child_dir / "subset.pt")
             (child_dir / "settings.json").write_text(json.dumps(settings))
-            del subset
-            for variant in args.variants:
-                results[variant] = _spawn(child_dir, variant)
+        for r in range(args.rounds):
+            order = args.variants if r % 2 == 0 else args.variants[::-1]
+            if args.rounds > 1:
+                print(f"round {r + 1}/{args.rounds}: {', '.join(order)}", file=sys.stderr, flush=True)
+            for variant in order:
+                if args.in_process:
+                    reset_peak_rss()
+                    rec = run_variant(variant, subset, settings)
+                    rec["memory_isolated"] = False
+                else:
+                    rec = _spawn(child_dir, variant)
+                rec["round"] = r + 1
+                rounds[variant].append(rec)
+    results = {variant: median_round(recs) for variant, recs in rounds.items()}
     report = summarize(results, flops, settings, meta)
+    report["round_ratios"] = {f"{n}/reference": [a["images_per_s"] / b["images_per_s"]
+                                                 for a, b in zip(rounds[n], rounds["reference"])]
+                              for n in rounds if n != "reference" and "reference" in rounds}
     report["wall_seconds"] = time.perf_counter() - t_start
 
     print(markdown(report))

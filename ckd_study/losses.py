@@ -779,8 +779,10 @@ class CRDMemory(nn.Module):
     is applied by the caller. Inputs are expected to be L2-normalised embeddings (CRD's ``Embed`` heads
     normalise), as in RepDistiller; this module does not normalise them.
 
-    Cost: O(B * K * feat_dim) per step plus an (n_data x feat_dim x 2) state that grows with the dataset, and
-    the caller must supply the dataset index of every sample.
+    Cost: O(B * K * feat_dim) per step (computed as O(B * n_data * feat_dim) dense products when n_data is
+    within ``FULL_PRODUCT_MAX_RATIO`` times K+1, which is faster, see ``_dot_products``) plus an
+    (n_data x feat_dim x 2) state that grows with the dataset, and the caller must supply the dataset index of
+    every sample.
     """
 
     def __init__(self, feat_dim: int, n_data: int, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
@@ -853,11 +855,8 @@ class CRDMemory(nn.Module):
         dtype = self.memory_student.dtype
         xs = _to_compute(student_embed).to(dtype)
         xt = _to_compute(teacher_embed).to(dtype)
-        flat = contrast_index.reshape(-1)
-        w_teacher = self.memory_teacher.index_select(0, flat).view(bsz, k + 1, self.feat_dim).detach()
-        w_student = self.memory_student.index_select(0, flat).view(bsz, k + 1, self.feat_dim).detach()
-        out_student = torch.exp(torch.bmm(w_teacher, xs.unsqueeze(2)).squeeze(2) / self.nce_t)
-        out_teacher = torch.exp(torch.bmm(w_student, xt.unsqueeze(2)).squeeze(2) / self.nce_t)
+        out_student = torch.exp(self._dot_products(self.memory_teacher, xs, contrast_index) / self.nce_t)
+        out_teacher = torch.exp(self._dot_products(self.memory_student, xt, contrast_index) / self.nce_t)
 
         with torch.no_grad():
             # Z is set once from the first batch (RepDistiller checks Z < 0 on every call).
@@ -874,6 +873,30 @@ class CRDMemory(nn.Module):
                 pos = memory.index_select(0, index) * m + x.detach() * (1.0 - m)
                 memory.index_copy_(0, index, _l2_normalize(pos, dim=1))
         return out_student, out_teacher
+
+
+    # Below this many memory rows per contrast column, scoring the whole memory is cheaper than gathering.
+    FULL_PRODUCT_MAX_RATIO = 32
+
+    def _dot_products(self, memory: Tensor, x: Tensor, contrast_index: Tensor) -> Tensor:
+        """``out[b, j] = memory[contrast_index[b, j]] . x[b]``, (B, K+1); the memory takes no gradient.
+
+        Gathering the B*(K+1) rows moves B*(K+1)*feat_dim floats (134 MB a call for B=64, K=4096) and then
+        does a memory-bound batched matrix-vector product. When the memory has at most
+        ``FULL_PRODUCT_MAX_RATIO * (K+1)`` rows (CIFAR: 50k rows, K=16384) one dense ``x @ memory.T``
+        (B x n_data) followed by a gather of the wanted scores does the same arithmetic far faster (CPU: about
+        30x for B=64 on CIFAR sizes; benchmarks/bench_losses.py) and with less memory; the values agree to
+        float rounding (summation order).
+        """
+        bsz, columns = contrast_index.shape
+        memory = memory.detach()
+        if self.n_data <= self.FULL_PRODUCT_MAX_RATIO * columns:
+            if torch.is_grad_enabled() and x.requires_grad:
+                # the product's backward needs the memory as it is now; forward() updates it in place next
+                memory = memory.clone()
+            return (x @ memory.t()).gather(1, contrast_index)
+        rows = memory.index_select(0, contrast_index.reshape(-1)).view(bsz, columns, self.feat_dim)
+        return torch.bmm(rows, x.unsqueeze(2)).squeeze(2)
 
 
 def crd_nce_loss(out: Tensor, n_data: int, eps: float = 1e-7) -> Tensor:

@@ -226,6 +226,22 @@ def run_lock(run_dir: Path, wait: bool = False, poll_s: float = 1.0) -> Iterator
 # ---------------------------------------------------------------------------------------------------------
 # Environment record
 # ---------------------------------------------------------------------------------------------------------
+def cpu_name() -> str:
+    """The CPU model as /proc/cpuinfo names it (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def environment_record(device: torch.device) -> dict:
     def git(*args: str) -> str | None:
         try:
@@ -251,9 +267,10 @@ def environment_record(device: torch.device) -> dict:
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "versions": versions,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
-        or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "recorded_at": utc_now(),
         "platform": platform.platform(),
         "hostname": socket.gethostname(),
     }
@@ -379,7 +396,11 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             "train_time_s": state.train_time_s,
             "wall_time_s": wall_before + time.perf_counter() - started,
             "images_per_s": sum(images_per_s) / len(images_per_s),
+            "teacher_source": None if teacher_source is None else getattr(teacher_source, "kind", "live"),
+            **{key: sum(r.get(key, 0) for r in state.history)
+               for key in ("teacher_cache_hits", "teacher_cache_misses") if key in last},
             "final_sha256": final_sha,
+            "finished_at": utc_now(),
             "device": str(setup.device),
         }
         atomic_write_json(run_dir / "summary.json", summary)

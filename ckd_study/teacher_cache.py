@@ -114,6 +114,8 @@ class TeacherOutputCache:
 class CachedTeacher:
     """A teacher source that serves logits and pooled features from a :class:`TeacherOutputCache`."""
 
+    kind = "cache"
+
     def __init__(self, live, cache: TeacherOutputCache, path: Path | None = None) -> None:
         self.live = live
         self.cache = cache
@@ -134,6 +136,10 @@ class CachedTeacher:
             self.cache.put(keys[miss], {n: getattr(out, n).float() for n in self.cache.dims})
         values = self.cache.get(keys)
         return ModelOutput(logits=values["logits"], feats=[], preact_feats=[], pooled=values["pooled"])
+
+    def counters(self) -> dict[str, int]:
+        """Running totals the Trainer turns into per-epoch metrics (``teacher_cache_hits`` / ``_misses``)."""
+        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses}
 
     def save(self) -> None:
         if self.path is not None:

@@ -80,6 +80,8 @@ class TeacherSource(Protocol):
 class LiveTeacher:
     """Runs the frozen teacher on the batch's augmented images."""
 
+    kind = "live"
+
     def __init__(self, model: nn.Module, setup: DeviceSetup) -> None:
         self.model = model.eval()
         self.setup = setup
@@ -227,6 +229,9 @@ class Trainer:
         correct = torch.zeros((), device=self.setup.device)
         pending: list[tuple[int, list[str], torch.Tensor]] = []
         seen = 0
+        # a teacher source may count what it did (the cache: hits and misses); the epoch records the difference
+        counters = getattr(self.teacher_source, "counters", None)
+        counted_before = counters() if counters is not None else {}
         t0 = time.perf_counter()
         bar = _progress(self.train_batches, epoch, self.config.epochs, self.quiet)
         for step, batch in enumerate(bar, start=1):
@@ -264,6 +269,8 @@ class Trainer:
         record["train_loss"] = sum(float(v) for v in sums.values()) / steps
         record.update(train_top1=100.0 * float(correct) / max(seen, 1), epoch_time_s=elapsed,
                       images_per_s=seen / elapsed if elapsed > 0 else float("nan"))
+        if counters is not None:
+            record.update({f"teacher_{k}": v - counted_before.get(k, 0) for k, v in counters().items()})
         return record
 
     @staticmethod

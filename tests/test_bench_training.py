@@ -20,7 +20,7 @@ from ckd_study.data import NUM_VIEWS, Batch, augment  # noqa: E402
 from ckd_study.train import DeviceSetup  # noqa: E402
 
 TINY = ["--dataset", "synthetic", "--teacher", "resnet14", "--student", "resnet8", "--batch-size", "8",
-        "--steps", "2", "--warmup", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
+        "--steps", "2", "--warmup", "1", "--rounds", "1", "--workers", "0", "--threads", "1", "--device", "cpu"]
 
 
 @pytest.mark.parametrize("in_process", [False, True], ids=["subprocess", "in_process"])
@@ -60,6 +60,32 @@ def test_variants_flag_selects_variants(tmp_path):
     assert list(stored["variants"]) == ["ours_live"] and stored["ratios"] == {} and stored["target"] is None
     with pytest.raises(SystemExit):
         bt.parse_args(TINY + ["--variants", "nope"])
+
+
+def test_rounds_alternate_and_report_the_median_round(tmp_path, capsys):
+    i = TINY.index("--rounds")
+    argv = TINY[:i] + TINY[i + 2:]
+    stored = bt.main(argv + ["--in-process", "--rounds", "2", "--variants", "reference,ours_cached",
+                             "--json", str(tmp_path / "b.json")])
+    log = capsys.readouterr().err
+    assert "round 1/2: reference, ours_cached" in log and "round 2/2: ours_cached, reference" in log
+    for r in stored["variants"].values():
+        assert [x["round"] for x in r["rounds"]] == [1, 2] and len(r["images_per_s_rounds"]) == 2
+        assert r["images_per_s"] == min(r["images_per_s_rounds"])  # lower median of two
+    ratios = stored["round_ratios"]["ours_cached/reference"]
+    ref, cached = stored["variants"]["reference"], stored["variants"]["ours_cached"]
+    assert ratios == pytest.approx([c / f for c, f in zip(cached["images_per_s_rounds"], ref["images_per_s_rounds"])])
+    assert stored["settings"]["rounds"] == 2
+    with pytest.raises(SystemExit):
+        bt.parse_args(TINY + ["--rounds", "0"])
+
+
+def test_median_round_picks_the_middle_record():
+    recs = [{"round": i + 1, "images_per_s": v, "step_ms_mean": 1.0, "peak_rss_mb": 1.0, "tag": t}
+            for i, (v, t) in enumerate([(30.0, "a"), (10.0, "b"), (20.0, "c")])]
+    chosen = bt.median_round(recs)
+    assert chosen["tag"] == "c" and chosen["images_per_s_rounds"] == [30.0, 10.0, 20.0]
+    assert bt.median_round(recs[:2])["tag"] == "b"
 
 
 class _OneBatch:

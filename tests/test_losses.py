@@ -665,7 +665,18 @@ def test_gradcheck_dcd(fixed):
         _gradcheck(lambda a, b: dcd_loss(a, b, None, 0.0, fixed_temperature=fixed).total, e, f)
 
 
-def test_gradcheck_crd():
+# CRDMemory scores by a dense product when the memory is small against K+1, else by gathering memory rows:
+# the tests that pin its values run both ways.
+CRD_SCORING = {"dense": 10**9, "gather": 0}
+
+
+@pytest.fixture(params=sorted(CRD_SCORING))
+def crd_scoring(request, monkeypatch):
+    monkeypatch.setattr(CRDMemory, "FULL_PRODUCT_MAX_RATIO", CRD_SCORING[request.param])
+    return request.param
+
+
+def test_gradcheck_crd(crd_scoring):
     g = torch.Generator().manual_seed(0)
     mem = CRDMemory(6, 20, nce_k=5, nce_t=0.5, generator=g).double()
     mem.z_student.fill_(3.0)
@@ -788,7 +799,7 @@ def test_crd_init_and_state_dict():
     torch.testing.assert_close(mem3.memory_teacher, mem.memory_teacher)
 
 
-def test_crd_forward_scores_z_and_memory_update_match_formula():
+def test_crd_forward_scores_z_and_memory_update_match_formula(crd_scoring):
     mem, xs, xt, idx, cidx = _crd_setup()
     ms0 = mem.memory_student.clone().tolist()
     mt0 = mem.memory_teacher.clone().tolist()
@@ -816,6 +827,25 @@ def test_crd_forward_scores_z_and_memory_update_match_formula():
     # loss against the naive NCE
     close(crd_nce_loss(out_s, 30), ref_crd_nce(out_s.tolist(), 30), rtol=1e-5)
     close(crd_loss(out_s, out_t, 30), ref_crd_nce(out_s.tolist(), 30) + ref_crd_nce(out_t.tolist(), 30), rtol=1e-5)
+
+
+def test_crd_dense_and_gathered_scoring_agree(monkeypatch):
+    """The two ways of scoring (dense product + gather, row gather + bmm) give the same scores and gradients,
+    on sizes where the dense path is the default (n_data=500, K=63) and where the gather is (n_data=5000, K=7)."""
+    for n, k in ((500, 63), (5000, 7)):
+        results = {}
+        for name, ratio in CRD_SCORING.items():
+            monkeypatch.setattr(CRDMemory, "FULL_PRODUCT_MAX_RATIO", ratio)
+            mem, xs, xt, idx, cidx = _crd_setup(b=16, d=32, n=n, k=k, seed=3)
+            xs.requires_grad_()
+            xt.requires_grad_()
+            out_s, out_t = mem(xs, xt, idx, cidx)
+            crd_loss(out_s, out_t, n).backward()
+            results[name] = (out_s.detach(), out_t.detach(), xs.grad, xt.grad, mem.memory_student.clone())
+        for dense, gathered in zip(results["dense"], results["gather"]):
+            torch.testing.assert_close(dense, gathered, rtol=1e-5, atol=1e-7)
+    monkeypatch.undo()
+    assert 500 <= CRDMemory.FULL_PRODUCT_MAX_RATIO * 64 and 5000 > CRDMemory.FULL_PRODUCT_MAX_RATIO * 8
 
 
 def test_crd_z_is_set_once_then_fixed():

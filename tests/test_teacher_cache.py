@@ -124,9 +124,19 @@ def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
     second = run(config, store=warm, quiet=True)
     assert second["final_sha256"] == first["final_sha256"]
     assert second["last_top1"] == first["last_top1"]
+    # What the teacher source did is recorded: the cold run ran the teacher on its misses, the warm one never.
+    views_seen = len(data.x_train) // config.batch_size * config.batch_size * config.epochs
+    assert first["teacher_source"] == second["teacher_source"] == "cache"
+    assert first["teacher_cache_misses"] > 0 and first["teacher_cache_hits"] + first["teacher_cache_misses"] == views_seen
+    assert second["teacher_cache_misses"] == 0 and second["teacher_cache_hits"] == views_seen
+    epochs = warm.metrics(config.run_id)
+    assert [r["teacher_cache_misses"] for r in epochs] == [0] * config.epochs
+    assert sum(r["teacher_cache_misses"] for r in cold.metrics(config.run_id)) == first["teacher_cache_misses"]
 
     # The same config without the cache distils from unrounded teacher outputs: a different run id, and
     # numbers that agree to within training noise (not asserted: they may differ in the last bits).
     live_cfg = config.replace(teacher_cache=False)
     assert live_cfg.run_id != config.run_id
-    assert run(live_cfg, store=warm, quiet=True)["status"] == "finished"
+    live = run(live_cfg, store=warm, quiet=True)
+    assert live["status"] == "finished" and live["teacher_source"] == "live"
+    assert "teacher_cache_hits" not in live and "teacher_cache_hits" not in warm.metrics(live_cfg.run_id)[-1]
