@@ -13,8 +13,9 @@ What it shows (printed as markdown tables, optionally written as JSON):
    between the two largest batch sizes (2 means quadratic).
 2. Independence from the dataset size: CKD/MCLD only ever see the batch, their cost cannot depend on the
    number of training samples. CRD's memory-bank loss is timed beside CKD for n_data = 10k / 50k / 100k:
-   CRD's state (two n_data x 128 banks) grows linearly with n_data and it needs the sample indices, while
-   its per-step time is set by the K = 16384 negatives (and the memory traffic of the gather).
+   CRD's state (two n_data x 128 banks) grows linearly with n_data and it needs the sample indices; its
+   per-step time grows with n_data too while it scores the whole memory (a dense product, used up to
+   ``CRDMemory.FULL_PRODUCT_MAX_RATIO * (K+1)`` rows) and is set by the K negatives it gathers beyond that.
 3. The losses next to the networks: forward time (no_grad, eval) of resnet8x4 and resnet32x4 for the same
    batch, from ``ckd_study.models.create_model``; if the model zoo cannot be imported the section is
    skipped and the reason printed.
@@ -146,9 +147,16 @@ def bench_crd(n_datas, batch, nce_k, classes, device, repeats):
             torch.autograd.grad(crd_loss(out_s, out_t, n), [xs, xt])
 
         crd_sec = time_it(crd, device, repeats, label=f"crd n_data={n} K={nce_k}")
+        dense_default = n <= CRDMemory.FULL_PRODUCT_MAX_RATIO * (nce_k + 1)
+        # both scorings, whichever is the default at this size: the instance attribute overrides the class's
+        mem.FULL_PRODUCT_MAX_RATIO = 10**9 if not dense_default else 0
+        other_sec = time_it(crd, device, repeats, label=f"crd n_data={n} K={nce_k} (other scoring)")
+        dense_sec, gather_sec = (crd_sec, other_sec) if dense_default else (other_sec, crd_sec)
         ckd_sec = time_it(steps["ckd"], device, repeats, label=f"ckd B={batch} C={classes} (beside crd n_data={n})")
         bank_mb = sum(buf.numel() * buf.element_size() for buf in (mem.memory_student, mem.memory_teacher)) / 2**20
         rows.append({"n_data": n, "B": batch, "nce_k": nce_k, "crd_ms": crd_sec * 1e3, "crd_bank_MiB": bank_mb,
+                     "crd_scoring": "dense" if dense_default else "gather", "crd_dense_ms": dense_sec * 1e3,
+                     "crd_gather_ms": gather_sec * 1e3,
                      "ckd_C": classes, "ckd_ms": ckd_sec * 1e3, "ckd_state_MiB": 0.0})
         print(f"  n_data={n:7d}  crd {crd_sec * 1e3:9.2f} ms  ckd {ckd_sec * 1e3:9.2f} ms", file=sys.stderr, flush=True)
         del mem
@@ -286,10 +294,14 @@ def main(argv=None):
     print("CKD (and MCLD, DCD) only see the batch: no argument of theirs depends on the training-set size, so")
     print("their cost cannot change with it (the CKD column is re-timed beside each n_data). CRD keeps two")
     print("n_data x 128 memory banks: its state grows linearly with n_data and it needs every sample's dataset")
-    print(f"index; its step time is set by the K={crd_k} negatives it gathers, not by n_data.")
+    print(f"index. Its step time grows with n_data while it scores the whole memory with one dense product (up to "
+          f"{CRDMemory.FULL_PRODUCT_MAX_RATIO}*(K+1) = {CRDMemory.FULL_PRODUCT_MAX_RATIO * (crd_k + 1)} rows), "
+          f"beyond that it gathers the K={crd_k} negatives' rows.")
     print()
-    print(md_table(["n_data", "CRD ms (K=%d)" % crd_k, "CRD bank MiB", "CKD ms", "CKD state MiB"],
-                   [[r["n_data"], f"{r['crd_ms']:.2f}", f"{r['crd_bank_MiB']:.1f}", f"{r['ckd_ms']:.2f}", "0"]
+    print(md_table(["n_data", "CRD ms (K=%d)" % crd_k, "scoring", "dense ms", "gather ms", "CRD bank MiB", "CKD ms",
+                    "CKD state MiB"],
+                   [[r["n_data"], f"{r['crd_ms']:.2f}", r["crd_scoring"], f"{r['crd_dense_ms']:.2f}",
+                     f"{r['crd_gather_ms']:.2f}", f"{r['crd_bank_MiB']:.1f}", f"{r['ckd_ms']:.2f}", "0"]
                     for r in crd_rows]))
 
     print()

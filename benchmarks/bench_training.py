@@ -545,7 +545,7 @@ def markdown(report: dict) -> str:
         head.append("peak GPU MB")
     head += ["s/epoch (50k)", "240 epochs (h)"]
     lines += ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for name, r in res.items():
+    for name, r in sorted(res.items(), key=lambda item: VARIANTS.index(item[0])):  # the JSON's keys are sorted
         ratio = "1.00×" if name == "reference" else _fmt(r.get("speedup_vs_reference"), 2, "×")
         workers = f"{r['workers_private_mb']:.0f} ({r['workers']} proc)" if r.get("workers") else "–"
         row = [name, _fmt(r["images_per_s"]), ratio, _fmt(r["step_ms_mean"], 0), _fmt(r["useful_gflop_per_s"]),

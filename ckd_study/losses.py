@@ -875,7 +875,8 @@ class CRDMemory(nn.Module):
         return out_student, out_teacher
 
 
-    # Below this many memory rows per contrast column, scoring the whole memory is cheaper than gathering.
+    # Up to this many memory rows per contrast column, scoring the whole memory beats gathering rows (CPU,
+    # B=64, K=4096: dense 15 / 61 / 130 ms at 10k / 50k / 100k rows, gather ~260 ms at any size; bench_losses.py).
     FULL_PRODUCT_MAX_RATIO = 32
 
     def _dot_products(self, memory: Tensor, x: Tensor, contrast_index: Tensor) -> Tensor:
@@ -884,9 +885,9 @@ class CRDMemory(nn.Module):
         Gathering the B*(K+1) rows moves B*(K+1)*feat_dim floats (134 MB a call for B=64, K=4096) and then
         does a memory-bound batched matrix-vector product. When the memory has at most
         ``FULL_PRODUCT_MAX_RATIO * (K+1)`` rows (CIFAR: 50k rows, K=16384) one dense ``x @ memory.T``
-        (B x n_data) followed by a gather of the wanted scores does the same arithmetic far faster (CPU: about
-        30x for B=64 on CIFAR sizes; benchmarks/bench_losses.py) and with less memory; the values agree to
-        float rounding (summation order).
+        (B x n_data) followed by a gather of the wanted scores is far faster (CPU, B=64, K=4096: 17x at 10k
+        rows, 4x at 50k; benchmarks/RESULTS.md) and needs less memory; the values agree to float rounding
+        (summation order).
         """
         bsz, columns = contrast_index.shape
         memory = memory.detach()
