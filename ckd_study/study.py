@@ -441,6 +441,55 @@ def _run_rows(entries: Sequence[Entry], summaries: Mapping[str, dict]):
     return pd.DataFrame(rows)
 
 
+@dataclass
+class _RunSet:
+    """What every builder starts from: the spec, store and output folder, the experiment's entries, their
+    summaries (trained or read) and one row per run."""
+
+    spec: StudySpec
+    store: RunStore
+    out: Path
+    entries: list[Entry]
+    summaries: dict[str, dict]
+    runs: Any
+
+    @property
+    def first(self) -> RunConfig:
+        return self.entries[0].config
+
+
+def _collect(preset: str, experiment: str, what: str, *, store, figures_dir, spec, train: bool, verbose: bool,
+             device: Any) -> _RunSet:
+    spec = spec or study_spec(preset)
+    store = _store(store)
+    entries = experiment_configs(preset, experiment, spec)
+    summaries = ensure_runs(entries, preset=preset, what=what, store=store, train=train, verbose=verbose,
+                            device=device)
+    return _RunSet(spec, store, figures_dir_for(preset, figures_dir), entries, summaries,
+                      _run_rows(entries, summaries))
+
+
+def _top1_columns(agg) -> dict[str, list[str]]:
+    """The last- and best-epoch top-1 columns, mean ± std, of an aggregate from ``analysis.mean_std_table``."""
+    return {column: [analysis.format_mean_std(m, s) for m, s in zip(agg[f"{key}_mean"], agg[f"{key}_std"])]
+            for column, key in ((TOP1, "last_top1"), (BEST, "best_top1"))}
+
+
+def _spread_table(named_parts, label: str):
+    """One row per ``(name, aggregate part)``: how far the mean last-epoch top-1 moves across its settings."""
+    import pandas as pd
+
+    rows = []
+    for name, part in named_parts:
+        if not len(part):
+            continue
+        values = part["last_top1_mean"].astype(float)
+        rows.append({label: name, "settings": len(part),
+                     "min (%)": analysis.format_number(values.min()), "max (%)": analysis.format_number(values.max()),
+                     "spread max − min (pp)": analysis.format_number(values.max() - values.min())})
+    return pd.DataFrame(rows)
+
+
 def data_description(config: RunConfig) -> str:
     name = DATASET_LABELS.get(config.dataset, config.dataset)
     if config.train_per_class is None and config.test_per_class is None:
@@ -500,26 +549,23 @@ def build_teachers(preset: str = "quick", *, train: bool = True, store: RunStore
     figure of their test top-1 per epoch."""
     import pandas as pd
 
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries = experiment_configs(preset, "teachers", spec)
-    summaries = ensure_runs(entries, preset=preset, what="01_teachers", store=store, train=train,
-                            verbose=verbose, device=device)
+    run_set = _collect(preset, "teachers", "01_teachers", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, store, out, summaries = run_set.spec, run_set.store, run_set.out, run_set.summaries
+    first = run_set.first
     rows, curves = [], {}
-    for e in entries:
-        c, s = e.config, summaries[e.config.run_id]
+    for e in run_set.entries:
+        cfg, s = e.config, summaries[e.config.run_id]
         published = [PUBLISHED.get((e.labels["teacher"], p.split(" → ")[1]), {}).get("teacher")
                      for p in e.labels["pairs"]] if spec.show_published else []
         published = next((v for v in published if v is not None), None)
-        rows.append({"teacher": c.student, "used by (T → S)": ", ".join(e.labels["pairs"]), "seed": c.seed,
-                     "epochs": c.epochs, TOP1: analysis.format_number(s["last_top1"]),
+        rows.append({"teacher": cfg.student, "used by (T → S)": ", ".join(e.labels["pairs"]), "seed": cfg.seed,
+                     "epochs": cfg.epochs, TOP1: analysis.format_number(s["last_top1"]),
                      BEST: f"{analysis.format_number(s['best_top1'])} (epoch {s['best_epoch']})",
-                     "published (%)": analysis.format_number(published), "run id": c.run_id})
-        history = [r for r in store.metrics(c.run_id) if "test_top1" in r]
-        curves[c.student] = ([r["epoch"] for r in history], [r["test_top1"] for r in history])
+                     "published (%)": analysis.format_number(published), "run id": cfg.run_id})
+        history = [r for r in store.metrics(cfg.run_id) if "test_top1" in r]
+        curves[cfg.student] = ([r["epoch"] for r in history], [r["test_top1"] for r in history])
     table = pd.DataFrame(rows)
-    first = entries[0].config
     caption = (f"Teachers, preset '{preset}': test top-1 (%) on {data_description(first)}; "
                f"{budget_description(first)}, batch {first.batch_size}, lr {first.base_lr:g}, one seed. "
                f"Last epoch is the headline; best epoch (max over epochs of the test accuracy) is optimistic."
@@ -530,8 +576,7 @@ def build_teachers(preset: str = "quick", *, train: bool = True, store: RunStore
         curves, out / "teachers", title=f"Teachers: test top-1 per epoch — {data_description(first)}, "
                                         f"preset {preset}, seed {first.seed}",
         xlabel="epoch", ylabel="test top-1 (%)")}
-    runs = _run_rows(entries, summaries)
-    return StudyResult("01_teachers", preset, table, caption, runs, tables, figures)
+    return StudyResult("01_teachers", preset, table, caption, run_set.runs, tables, figures)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -544,13 +589,9 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
     the published number of methods.md §5 where one exists, and the gain over KD. CSV + Markdown + LaTeX."""
     import pandas as pd
 
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries = experiment_configs(preset, "main", spec)
-    summaries = ensure_runs(entries, preset=preset, what="02_main_table", store=store, train=train,
-                            verbose=verbose, device=device)
-    runs = _run_rows(entries, summaries)
+    run_set = _collect(preset, "main", "02_main_table", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, summaries, runs, first = run_set.spec, run_set.out, run_set.summaries, run_set.runs, run_set.first
     agg = analysis.mean_std_table(runs, by=["pair", "teacher", "student", "method"])
     rows = []
     for p in spec.pairs:
@@ -574,7 +615,6 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                          "published (%)": analysis.format_number(published.get(r["method"])),
                          "Δ vs KD (pp)": analysis.format_number(gain, signed=True)})
     table = pd.DataFrame(rows)
-    first = entries[0].config
     caption = (f"Main table, preset '{preset}': test top-1 (%) on {data_description(first)}; "
                f"{budget_description(first)}, batch {first.batch_size}; every method under the same budget. "
                f"Headline: {TOP1}, mean ± std over {_seeds_text(spec.seeds)}; {BEST} (max over epochs of the "
@@ -601,45 +641,24 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
 # ---------------------------------------------------------------------------------------------------------
 # 03 batch size, 04 temperature, 05 intra/inter + MCLD grid
 # ---------------------------------------------------------------------------------------------------------
-def _spread_table(agg, by: str, label: str):
-    import pandas as pd
-
-    rows = []
-    for key, part in agg.groupby(by, sort=False):
-        values = part["last_top1_mean"].astype(float)
-        rows.append({label: key, "settings": len(part),
-                     "min (%)": analysis.format_number(values.min()), "max (%)": analysis.format_number(values.max()),
-                     "spread max − min (pp)": analysis.format_number(values.max() - values.min())})
-    return pd.DataFrame(rows)
-
-
 def build_batch_size_ablation(preset: str = "quick", *, train: bool = True,
                               store: RunStore | str | Path | None = None, figures_dir: str | Path | None = None,
                               spec: StudySpec | None = None, verbose: bool = True, device: Any = None) -> StudyResult:
     """Notebook 03: CKD (and KD, DCD for contrast) across batch sizes, lr scaled linearly with the batch size."""
     import pandas as pd
 
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries = experiment_configs(preset, "batch_size", spec)
-    summaries = ensure_runs(entries, preset=preset, what="03_ablation_batch_size", store=store, train=train,
-                            verbose=verbose, device=device)
-    runs = _run_rows(entries, summaries)
+    run_set = _collect(preset, "batch_size", "03_ablation_batch_size", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
     agg = analysis.mean_std_table(runs, by=["method", "method_label", "batch_size", "lr"])
     table = pd.DataFrame({"method": agg["method_label"], "batch size": agg["batch_size"],
-                          "lr": [f"{v:g}" for v in agg["lr"]], "seeds": agg["n"],
-                          TOP1: [analysis.format_mean_std(m, s) for m, s in zip(agg["last_top1_mean"],
-                                                                                   agg["last_top1_std"])],
-                          BEST: [analysis.format_mean_std(m, s) for m, s in zip(agg["best_top1_mean"],
-                                                                                   agg["best_top1_std"])]})
-    first = entries[0].config
+                          "lr": [f"{v:g}" for v in agg["lr"]], "seeds": agg["n"], **_top1_columns(agg)})
     rule = (f"lr = {recipe_lr(spec.pair[1]):g} × batch size / {spec.reference_batch_size} (linear scaling rule, "
             f"{recipe_lr(spec.pair[1]):g} at batch {spec.reference_batch_size})")
     caption = (f"Batch-size ablation, preset '{preset}', {pair_label(*spec.pair)}, {data_description(first)}, "
                f"{budget_description(first)}: {TOP1} mean ± std over {_seeds_text(spec.ablation_seeds)}. "
                f"Learning rate: {rule}. CKD claims independence from the batch size; KD and DCD for contrast.")
-    spread = _spread_table(agg.assign(method=agg["method_label"]), "method", "method")
+    spread = _spread_table(agg.groupby("method_label", sort=False), "method")
     spread_caption = (f"Spread of the mean {TOP1} across batch sizes {list(spec.batch_sizes)} "
                       f"({pair_label(*spec.pair)}, preset '{preset}'; {rule}).")
     tables = {"ablation_batch_size": analysis.save_table(table, out / "ablation_batch_size", caption=caption),
@@ -663,20 +682,12 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
     """Notebook 04: CKD across temperatures; DCD learnable vs fixed temperature; the spread max − min."""
     import pandas as pd
 
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries = experiment_configs(preset, "temperature", spec)
-    summaries = ensure_runs(entries, preset=preset, what="04_ablation_temperature", store=store, train=train,
-                            verbose=verbose, device=device)
-    runs = _run_rows(entries, summaries)
+    run_set = _collect(preset, "temperature", "04_ablation_temperature", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
     agg = analysis.mean_std_table(runs, by=["method", "method_label", "setting", "temperature", "learnable"])
     table = pd.DataFrame({"method": agg["method_label"], "temperature": agg["setting"], "seeds": agg["n"],
-                          TOP1: [analysis.format_mean_std(m, s) for m, s in zip(agg["last_top1_mean"],
-                                                                                   agg["last_top1_std"])],
-                          BEST: [analysis.format_mean_std(m, s) for m, s in zip(agg["best_top1_mean"],
-                                                                                   agg["best_top1_std"])]})
-    first = entries[0].config
+                          **_top1_columns(agg)})
     caption = (f"Temperature ablation, preset '{preset}', {pair_label(*spec.pair)}, {data_description(first)}, "
                f"{budget_description(first)}: {TOP1} mean ± std over {_seeds_text(spec.ablation_seeds)}. "
                f"CKD with τ ∈ {list(spec.temperatures)} (other options at their defaults); DCD with its learnable "
@@ -686,12 +697,7 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
     spread_rows = [("CKD, τ ∈ " + str(list(spec.temperatures)), ckd)]
     if len(dcd):
         spread_rows += [("DCD, learnable and fixed τ", dcd), ("DCD, fixed τ only", dcd[~dcd["learnable"]])]
-    spread = pd.DataFrame([{"setting": name, "settings": len(part),
-                            "min (%)": analysis.format_number(part["last_top1_mean"].min()),
-                            "max (%)": analysis.format_number(part["last_top1_mean"].max()),
-                            "spread max − min (pp)": analysis.format_number(
-                                part["last_top1_mean"].max() - part["last_top1_mean"].min())}
-                           for name, part in spread_rows if len(part)])
+    spread = _spread_table(spread_rows, "setting")
     spread_caption = (f"Does the method depend on the temperature? Spread (max − min) of the mean {TOP1} across "
                       f"temperatures, {pair_label(*spec.pair)}, preset '{preset}'. For scale: run-to-run spread on "
                       f"CIFAR-100 is typically 0.2–0.3 pp (methods.md §5).")
@@ -723,13 +729,9 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
     """Notebook 05: CKD with intra only / inter only / both; MCLD's component grid (one factor at a time)."""
     import pandas as pd
 
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries = experiment_configs(preset, "intra_inter", spec)
-    summaries = ensure_runs(entries, preset=preset, what="05_ablation_intra_inter", store=store, train=train,
-                            verbose=verbose, device=device)
-    runs = _run_rows(entries, summaries)
+    run_set = _collect(preset, "intra_inter", "05_ablation_intra_inter", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
     agg = analysis.mean_std_table(runs, by=["ablation", "variant", "change", "method"])
     refs = agg[agg["ablation"] == "reference"]
     grid = agg[agg["ablation"] != "reference"].copy()
@@ -740,15 +742,10 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
         ref = full.get(r["ablation"])
         gains.append(r["last_top1_mean"] - float(ref.iloc[0]) if ref is not None and len(ref) else float("nan"))
     table = pd.DataFrame({"ablation": grid["ablation"], "variant": grid["variant"], "options changed": grid["change"],
-                          "seeds": grid["n"],
-                          TOP1: [analysis.format_mean_std(m, s) for m, s in zip(grid["last_top1_mean"],
-                                                                                   grid["last_top1_std"])],
-                          BEST: [analysis.format_mean_std(m, s) for m, s in zip(grid["best_top1_mean"],
-                                                                                   grid["best_top1_std"])],
+                          "seeds": grid["n"], **_top1_columns(grid),
                           "Δ vs full (pp)": [analysis.format_number(g, signed=True) for g in gains]})
     ref_text = "; ".join(f"{r['variant']} {analysis.format_mean_std(r['last_top1_mean'], r['last_top1_std'])}"
                          for _, r in refs.iterrows())
-    first = entries[0].config
     caption = (f"Intra/inter and MCLD component ablation, preset '{preset}', {pair_label(*spec.pair)}, "
                f"{data_description(first)}, {budget_description(first)}: {TOP1} mean ± std over "
                f"{_seeds_text(spec.ablation_seeds)}. CKD = intra-sample alignment + inter-sample contrast "
@@ -769,17 +766,12 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
 # ---------------------------------------------------------------------------------------------------------
 # 06 t-SNE and 07 correlation: derived files from checkpoints, figures from the derived files
 # ---------------------------------------------------------------------------------------------------------
-def _analysed_runs(preset: str, experiment: str, spec: StudySpec, store: RunStore, train: bool, verbose: bool,
-                   device: Any):
-    """The analysed students (and the teacher) with their summaries: ``[(panel name, config, summary)]``."""
-    entries = experiment_configs(preset, experiment, spec)
-    name = "06_tsne" if experiment == "tsne" else "07_correlation"
-    summaries = ensure_runs(entries, preset=preset, what=name, store=store, train=train, verbose=verbose,
-                            device=device)
-    teacher = _config(preset, "kd", spec.pair, spec.analysis_seed).teacher
-    students = [(METHOD_LABELS.get(e.labels["method"], e.labels["method"]), e.config, summaries[e.config.run_id])
-                for e in entries]
-    return entries, summaries, (f"Teacher ({teacher.student})", teacher, summaries[teacher.run_id]), students
+def _analysed_runs(run_set: _RunSet, preset: str):
+    """The analysed teacher and students as ``(panel name, config, summary)``: ``(teacher, [students])``."""
+    teacher = _config(preset, "kd", run_set.spec.pair, run_set.spec.analysis_seed).teacher
+    students = [(METHOD_LABELS.get(e.labels["method"], e.labels["method"]), e.config,
+                 run_set.summaries[e.config.run_id]) for e in run_set.entries]
+    return (f"Teacher ({teacher.student})", teacher, run_set.summaries[teacher.run_id]), students
 
 
 def _tag(config: RunConfig, summary: Mapping[str, Any]) -> str:
@@ -843,10 +835,10 @@ def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | s
 
     if features not in ("pooled", "logits"):
         raise StudyError(f"features must be 'pooled' or 'logits', got {features!r}")
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries, summaries, teacher, students = _analysed_runs(preset, "tsne", spec, store, train, verbose, device)
+    run_set = _collect(preset, "tsne", "06_tsne", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, store, out = run_set.spec, run_set.store, run_set.out
+    teacher, students = _analysed_runs(run_set, preset)
     folder = analysis_dir_for(store, preset) / "tsne"
     subset = f"{features}_c{spec.tsne_classes or 'all'}_n{spec.tsne_per_class or 'all'}_s{spec.analysis_seed}"
     outputs = _Outputs(store, device)
@@ -897,7 +889,7 @@ def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | s
         title=f"t-SNE of the {'pooled penultimate features' if features == 'pooled' else 'logits'} on "
               f"{data_description(first)} test images, {subset_text}; {pair_label(*spec.pair)}, preset {preset}, "
               f"seed {spec.analysis_seed}")}
-    return StudyResult("06_tsne", preset, table, caption, _run_rows(entries, summaries), tables, figures)
+    return StudyResult("06_tsne", preset, table, caption, run_set.runs, tables, figures)
 
 
 def _class_names(config: RunConfig) -> list[str]:
@@ -921,11 +913,10 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
     import numpy as np
     import pandas as pd
 
-    spec = spec or study_spec(preset)
-    store = _store(store)
-    out = figures_dir_for(preset, figures_dir)
-    entries, summaries, teacher, students = _analysed_runs(preset, "correlation", spec, store, train, verbose,
-                                                           device)
+    run_set = _collect(preset, "correlation", "07_correlation", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, store, out = run_set.spec, run_set.store, run_set.out
+    teacher, students = _analysed_runs(run_set, preset)
     folder = analysis_dir_for(store, preset) / "correlation"
     outputs = _Outputs(store, device)
     t_name, t_config, t_summary = teacher
@@ -939,10 +930,10 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
                 problems.append((config, problem, paths["raw"]))
                 return paths
             got = outputs(config)
-            c = got["logits"].shape[1]
+            num_classes = got["logits"].shape[1]
             for v, logits in (("raw", got["logits"]), ("zscore", analysis.zscore_logits(got["logits"]))):
-                m = analysis.class_mean_logits(logits, got["labels"], c)
-                analysis.write_csv(pd.DataFrame(m, columns=[str(i) for i in range(c)]).round(6), paths[v])
+                m = analysis.class_mean_logits(logits, got["labels"], num_classes)
+                analysis.write_csv(pd.DataFrame(m, columns=[str(i) for i in range(num_classes)]).round(6), paths[v])
         return paths
 
     teacher_means = class_means(t_config, t_summary)
@@ -1005,7 +996,7 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
         figures["correlation_heatmaps_zscore"] = analysis.plot_heatmaps(
             matrices_z, out / "correlation_heatmaps_zscore", vmax=vmax, title=title.format(kind="z-scored logits"),
             colorbar_label="|mean z-scored logit difference|")
-    return StudyResult("07_correlation", preset, table, caption, _run_rows(entries, summaries), tables, figures)
+    return StudyResult("07_correlation", preset, table, caption, run_set.runs, tables, figures)
 
 
 # ---------------------------------------------------------------------------------------------------------

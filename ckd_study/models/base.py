@@ -6,6 +6,7 @@ travels through ``torch.compile`` and ``torch.jit`` unchanged.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import torch
@@ -40,6 +41,24 @@ class ZooModel(nn.Module):
 
 
 _REGISTRY: dict[str, Callable[..., ZooModel]] = {}
+
+
+def init_fan_out_normal(model: nn.Module) -> None:
+    """RepDistiller's initialisation of VGG and MobileNetV2, module by module in ``model.modules()`` order:
+    convolutions N(0, sqrt(2 / fan_out)) with fan_out = k_h * k_w * out_channels and zero bias, batch norm
+    weight 1 and bias 0, linear layers N(0, 0.01) with zero bias."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.01)
+            nn.init.zeros_(m.bias)
 
 
 def register_model(name: str) -> Callable[[Callable[..., ZooModel]], Callable[..., ZooModel]]:

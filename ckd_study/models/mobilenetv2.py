@@ -12,12 +12,10 @@ pre-activation variant and ``preact_feats`` is ``feats``):
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from .base import ModelOutput, ZooModel, register_model
+from .base import ModelOutput, ZooModel, init_fan_out_normal, register_model
 
 __all__ = ["InvertedResidual", "MobileNetV2"]
 
@@ -93,18 +91,7 @@ class MobileNetV2(ZooModel):
         self.pooled_dim = self.last_channel
         self.num_classes = num_classes
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self)
 
     def get_bn_before_relu(self) -> list[nn.Module]:
         return [self.blocks[i][-1].conv[-1] for i in (1, 2, 4, 6)]

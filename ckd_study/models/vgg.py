@@ -9,13 +9,11 @@ RepDistiller). For 32x32 inputs the spatial sizes are 32, 16, 8, 4, 4 (``pool3``
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelOutput, ZooModel, register_model
+from .base import ModelOutput, ZooModel, init_fan_out_normal, register_model
 
 __all__ = ["VGG", "CFG"]
 
@@ -59,18 +57,7 @@ class VGG(ZooModel):
         self.pooled_dim = cfg[4][-1]
         self.num_classes = num_classes
 
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0.0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_fan_out_normal(self)
 
     def get_bn_before_relu(self) -> list[nn.Module]:
         return [self.block1[-1], self.block2[-1], self.block3[-1], self.block4[-1]]
