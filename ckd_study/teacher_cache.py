@@ -5,15 +5,16 @@ The frozen teacher in eval mode maps each (sample, view) to fixed outputs, so it
 can be computed once and looked up by ``sample * 162 + view`` instead of running the teacher every step.
 
 Values are stored in float16, on disk and on the training device. Every lookup returns the float16-rounded
-values, whether they were cached before or computed on a miss, so a run's result does not depend on how warm
-the cache was; it differs from the live teacher only by float16 rounding (tested). One caveat: a miss is
-computed on the sub-batch of missing images, and on CPU the last float32 bits of a convolution can depend on
-the batch composition, which can (rarely) flip a float16 rounding; bit-identical reruns therefore need the
-same cache state or ``teacher_cache=False``.
+values, whether they were cached before or computed on a miss, and every value is computed the same way: in a
+teacher call of exactly ``CANONICAL_BATCH`` images (the missing views of a batch, zero-padded; kernels can
+round the last float32 bit differently at different batch sizes, which could flip a float16 rounding). So a
+run's result does not depend on how warm the cache was, which run filled it, or whether the run was killed and
+resumed (tested); it differs from the live teacher only by float16 rounding (tested).
 
-Filling is lazy by default (a miss runs the teacher on the missing images only): a single run never costs
-more than the live teacher, and runs that share a teacher and a seed (every method of a table) see the same
-views, so after the first run they never run the teacher. :meth:`TeacherOutputCache.fill_all` precomputes all
+Filling is lazy by default: a batch with misses runs the teacher on its missing views only, in calls of
+``CANONICAL_BATCH`` (at the study's batch size of 64, never more than the live teacher), and runs that share
+a teacher and a seed (every method of a table) see the same views, so after the first run they never run the
+teacher. :meth:`TeacherOutputCache.fill_all` precomputes all
 162 views (worth it for long budgets: 240 epochs visit more views than that). Anything the cache cannot serve
 (no augmentation views, methods that read feature maps) falls back to the live teacher.
 """
@@ -31,7 +32,23 @@ from .data import NUM_VIEWS, Batch, ImageDataset, augment, decode_views
 from .models import ModelOutput
 
 CACHEABLE = frozenset({"logits", "pooled"})
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: values computed in canonical batches (format 1 files are rebuilt)
+CANONICAL_BATCH = 64  # every cached value comes from a teacher call of exactly this many images
+
+
+def canonical_outputs(forward, images: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """``forward(chunk)`` (a teacher call returning a ModelOutput) on ``images`` in chunks of exactly
+    ``CANONICAL_BATCH`` images, the last one zero-padded; returns float32 outputs ``names`` for ``images``."""
+    parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for start in range(0, len(images), CANONICAL_BATCH):
+        chunk = images[start:start + CANONICAL_BATCH]
+        real = len(chunk)
+        if real < CANONICAL_BATCH:
+            chunk = torch.cat([chunk, chunk.new_zeros((CANONICAL_BATCH - real, *chunk.shape[1:]))])
+        out = forward(chunk)
+        for name in names:
+            parts[name].append(getattr(out, name)[:real].float())
+    return {name: torch.cat(values) for name, values in parts.items()}
 
 
 class TeacherOutputCache:
@@ -95,8 +112,14 @@ class TeacherOutputCache:
         return True
 
     @torch.no_grad()
-    def fill_all(self, model: torch.nn.Module, data: ImageDataset, setup, batch_size: int = 1000) -> None:
-        """Precompute all 162 views of every training image (skips what is filled already)."""
+    def fill_all(self, model: torch.nn.Module, data: ImageDataset, setup, batch_size: int = 1024) -> None:
+        """Precompute all 162 views of every training image (skips what is filled already); ``batch_size``
+        images are augmented at a time, the teacher runs in calls of ``CANONICAL_BATCH``."""
+
+        def forward(images: torch.Tensor) -> ModelOutput:
+            with setup.autocast():
+                return model(setup.prepare_images(images))
+
         for view in range(NUM_VIEWS):
             for start in range(0, self.num_samples, batch_size):
                 idx = torch.arange(start, min(start + batch_size, self.num_samples), device=self.device)
@@ -106,9 +129,7 @@ class TeacherOutputCache:
                     continue
                 images = augment(data.x_train[idx.to(data.x_train.device)], views.to(data.x_train.device),
                                  data.mean, data.std)
-                with setup.autocast():
-                    out = model(setup.prepare_images(images))
-                self.put(keys, {n: getattr(out, n).float() for n in self.dims})
+                self.put(keys, canonical_outputs(forward, images, self.dims))
 
 
 class CachedTeacher:
@@ -132,8 +153,8 @@ class CachedTeacher:
         if n_hit < len(keys):
             miss = ~hit
             self.cache.misses += len(keys) - n_hit
-            out = self.live(Batch(batch.images[miss], batch.labels[miss], batch.indices[miss], batch.view_ids[miss]))
-            self.cache.put(keys[miss], {n: getattr(out, n).float() for n in self.cache.dims})
+            self.cache.put(keys[miss], canonical_outputs(self.live.forward_images, batch.images[miss],
+                                                         self.cache.dims))
         values = self.cache.get(keys)
         return ModelOutput(logits=values["logits"], feats=[], preact_feats=[], pooled=values["pooled"])
 
@@ -164,4 +185,5 @@ def cached_teacher_source(live, needed_outputs, teacher_summary, data: ImageData
     return CachedTeacher(live, cache, path)
 
 
-__all__ = ["TeacherOutputCache", "CachedTeacher", "cached_teacher_source", "cache_path", "decode_views"]
+__all__ = ["TeacherOutputCache", "CachedTeacher", "cached_teacher_source", "cache_path", "canonical_outputs",
+           "CANONICAL_BATCH", "decode_views"]

@@ -88,8 +88,12 @@ class LiveTeacher:
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> ModelOutput:
+        return self.forward_images(batch.images)
+
+    @torch.no_grad()
+    def forward_images(self, images: torch.Tensor) -> ModelOutput:
         with self.setup.autocast():
-            return self.model(self.setup.prepare_images(batch.images))
+            return self.model(self.setup.prepare_images(images))
 
 
 @torch.no_grad()

@@ -10,9 +10,10 @@ import torch
 
 from ckd_study.config import make_config, teacher_config
 from ckd_study.data import NUM_VIEWS, Batch, augment, load_dataset, sample_views
-from ckd_study.models import create_model
+from ckd_study.models import ModelOutput, create_model
 from ckd_study.runs import RunStore, run
-from ckd_study.teacher_cache import CachedTeacher, TeacherOutputCache, cache_path, cached_teacher_source
+from ckd_study.teacher_cache import (CANONICAL_BATCH, CachedTeacher, TeacherOutputCache, cache_path,
+                                     cached_teacher_source, canonical_outputs)
 from ckd_study.train import DeviceSetup, LiveTeacher
 
 
@@ -107,6 +108,46 @@ def test_save_merge_and_corrupt_file(setup, tmp_path):
     with pytest.warns(UserWarning, match="rebuilt"):
         assert not TeacherOutputCache(len(data.x_train), dims).merge_from(path)
     assert NUM_VIEWS == 162
+
+
+def test_cached_values_do_not_depend_on_how_misses_were_grouped(setup):
+    """The same views, filled through batches of different sizes and compositions (one by one, in an odd
+    split, all at once, through fill_all): bit-identical cached values, because every value comes from a
+    teacher call of exactly CANONICAL_BATCH images."""
+    data, teacher, dev = setup
+    live = LiveTeacher(teacher, dev)
+    dims = {"logits": teacher.num_classes, "pooled": teacher.pooled_dim}
+    batch = _batch(data, n=40, seed=7)
+    keys = TeacherOutputCache.keys(batch.indices, batch.view_ids)
+    groupings = {"all at once": [slice(0, 40)], "5 + 35": [slice(0, 5), slice(5, 40)],
+                 "one by one": [slice(i, i + 1) for i in range(40)]}
+    tables = {}
+    for name, parts in groupings.items():
+        cache = TeacherOutputCache(len(data.x_train), dims)
+        cached = CachedTeacher(live, cache)
+        for part in parts:
+            cached(Batch(batch.images[part], batch.labels[part], batch.indices[part], batch.view_ids[part]))
+        tables[name] = cache.get(keys)
+    full = TeacherOutputCache(len(data.x_train), dims)
+    full.fill_all(teacher, data, dev, batch_size=100)  # augments 100 at a time: canonical calls of 64 + 36 padded
+    tables["fill_all"] = full.get(keys)
+    for name, values in tables.items():
+        for out in ("logits", "pooled"):
+            assert torch.equal(values[out], tables["all at once"][out]), (name, out)
+    assert CANONICAL_BATCH == 64
+
+
+def test_canonical_outputs_pad_to_whole_calls():
+    calls = []
+
+    def forward(images):
+        calls.append(len(images))
+        return ModelOutput(logits=images.flatten(1)[:, :3] * 2, feats=[], preact_feats=[], pooled=images.flatten(1))
+
+    images = torch.randn(70, 1, 2, 2)
+    out = canonical_outputs(forward, images, ["logits", "pooled"])
+    assert calls == [CANONICAL_BATCH, CANONICAL_BATCH]
+    assert torch.equal(out["logits"], images.flatten(1)[:, :3] * 2) and out["pooled"].shape == (70, 4)
 
 
 def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
