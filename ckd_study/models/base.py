@@ -40,6 +40,15 @@ class ZooModel(nn.Module):
         raise NotImplementedError
 
 
+def run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run a stage of blocks that each return ``(output, pre_activation)``; the stage's output and the last
+    block's pre-activation (``preact_feats``)."""
+    preact = x
+    for block in stage:
+        x, preact = block(x)
+    return x, preact
+
+
 _REGISTRY: dict[str, Callable[..., ZooModel]] = {}
 
 

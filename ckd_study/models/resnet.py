@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelOutput, ZooModel, register_model
+from .base import ModelOutput, ZooModel, register_model, run_stage
 
 __all__ = ["BasicBlock", "CifarResNet"]
 
@@ -46,13 +46,6 @@ class BasicBlock(nn.Module):
         shortcut = x if self.downsample is None else self.downsample(x)
         preact = out + shortcut
         return F.relu(preact), preact
-
-
-def _run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    preact = x
-    for block in stage:
-        x, preact = block(x)
-    return x, preact
 
 
 class CifarResNet(ZooModel):
@@ -110,9 +103,9 @@ class CifarResNet(ZooModel):
     def forward(self, x: torch.Tensor) -> ModelOutput:
         x = F.relu(self.bn1(self.conv1(x)))
         f0 = x
-        f1, f1_pre = _run_stage(self.layer1, f0)
-        f2, f2_pre = _run_stage(self.layer2, f1)
-        f3, f3_pre = _run_stage(self.layer3, f2)
+        f1, f1_pre = run_stage(self.layer1, f0)
+        f2, f2_pre = run_stage(self.layer2, f1)
+        f3, f3_pre = run_stage(self.layer3, f2)
         pooled = self.avgpool(f3).flatten(1)
         logits = self.fc(pooled)
         return ModelOutput(logits, [f0, f1, f2, f3], [f0, f1_pre, f2_pre, f3_pre], pooled)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelOutput, ZooModel, register_model
+from .base import ModelOutput, ZooModel, register_model, run_stage
 
 __all__ = ["BasicBlock", "Bottleneck", "ResNetV2"]
 
@@ -64,13 +64,6 @@ class Bottleneck(nn.Module):
         out = self.bn3(self.conv3(out))
         preact = out + self.shortcut(x)
         return F.relu(preact), preact
-
-
-def _run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    preact = x
-    for block in stage:
-        x, preact = block(x)
-    return x, preact
 
 
 class ResNetV2(ZooModel):
@@ -128,10 +121,10 @@ class ResNetV2(ZooModel):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = _run_stage(self.layer1, f0)
-        f2, f2_pre = _run_stage(self.layer2, f1)
-        f3, f3_pre = _run_stage(self.layer3, f2)
-        f4, f4_pre = _run_stage(self.layer4, f3)
+        f1, f1_pre = run_stage(self.layer1, f0)
+        f2, f2_pre = run_stage(self.layer2, f1)
+        f3, f3_pre = run_stage(self.layer3, f2)
+        f4, f4_pre = run_stage(self.layer4, f3)
         pooled = self.avgpool(f4).flatten(1)
         logits = self.linear(pooled)
         return ModelOutput(logits, [f0, f1, f2, f3, f4], [f0, f1_pre, f2_pre, f3_pre, f4_pre], pooled)

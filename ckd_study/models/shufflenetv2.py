@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import ModelOutput, ZooModel, register_model
+from .base import ModelOutput, ZooModel, register_model, run_stage
 
 __all__ = ["ShuffleBlock", "BasicBlock", "DownBlock", "ShuffleNetV2", "CONFIGS"]
 
@@ -98,13 +98,6 @@ class DownBlock(nn.Module):
         return out, out  # no pre-activation tensor of its own (only used if a stage had zero BasicBlocks)
 
 
-def _run_stage(stage: nn.Sequential, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    preact = x
-    for block in stage:
-        x, preact = block(x)
-    return x, preact
-
-
 class ShuffleNetV2(ZooModel):
     def __init__(self, net_size: float = 1, num_classes: int = 100) -> None:
         super().__init__()
@@ -136,9 +129,9 @@ class ShuffleNetV2(ZooModel):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         f0 = F.relu(self.bn1(self.conv1(x)))
-        f1, f1_pre = _run_stage(self.layer1, f0)
-        f2, f2_pre = _run_stage(self.layer2, f1)
-        f3, f3_pre = _run_stage(self.layer3, f2)
+        f1, f1_pre = run_stage(self.layer1, f0)
+        f2, f2_pre = run_stage(self.layer2, f1)
+        f3, f3_pre = run_stage(self.layer3, f2)
         out = F.relu(self.bn2(self.conv2(f3)))
         pooled = F.avg_pool2d(out, 4).flatten(1)
         logits = self.linear(pooled)
