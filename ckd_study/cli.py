@@ -1,4 +1,4 @@
-"""``python -m ckd_study``: train, list, show, models, methods.
+"""``python -m ckd_study``: train, cache-teacher, list, show, models, methods.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     python -m ckd_study train --preset quick --method kd --teacher resnet32 --student resnet8 --seed 1
     python -m ckd_study train --preset smoke --method ckd --option temperature=0.5 --option anchor=both
     python -m ckd_study train --config results/runs/<run-id>/config.json
+    python -m ckd_study cache-teacher --preset paper --teacher resnet32x4 --student resnet8x4
     python -m ckd_study list
     python -m ckd_study show <run-id>
 """
@@ -44,9 +45,27 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckd_study",
                                      description="Contrastive knowledge distillation study on CIFAR-100.")
     parser.add_argument("--results-dir", default=None, help="results store (default: $CKD_RESULTS_DIR or results/)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,list,show,models,methods}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,cache-teacher,list,show,models,methods}")
+    _add_run_arguments(sub.add_parser("train", help="train a teacher (method ce) or a distillation run"))
+    cache = sub.add_parser(
+        "cache-teacher", help="precompute the exact teacher-output cache (all 162 views of every training image)",
+        description="Fill the exact teacher-output cache of a config's teacher and training set for every view, "
+                    "training the teacher first if needed. Takes the flags of `train`; the cache depends only "
+                    "on the teacher and the training set, so any distillation method selects the same cache "
+                    "(default kd). Runs also fill it lazily on their own; an interrupted precompute continues.")
+    _add_run_arguments(cache)
 
-    train = sub.add_parser("train", help="train a teacher (method ce) or a distillation run")
+    sub.add_parser("list", help="runs in the store with their status and headline metrics")
+    show = sub.add_parser("show", help="a run's config, summary and last epochs")
+    show.add_argument("run_id")
+    sub.add_parser("models", help="the model zoo with parameter counts")
+    sub.add_parser("methods", help="the methods and their options with defaults")
+    return parser
+
+
+def _add_run_arguments(train: argparse.ArgumentParser) -> None:
+    """The flags that pick a run's config (and where and how it runs)."""
     train.add_argument("--config", type=Path, help="a config.json (as stored in a run folder); flags override it")
     train.add_argument("--preset", choices=available_presets(), default=None, help="config defaults (default: paper)")
     train.add_argument("--dataset", choices=available_datasets())
@@ -78,13 +97,6 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--wait", action="store_true", help="wait for another process training the same run")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and run id, train nothing")
-
-    sub.add_parser("list", help="runs in the store with their status and headline metrics")
-    show = sub.add_parser("show", help="a run's config, summary and last epochs")
-    show.add_argument("run_id")
-    sub.add_parser("models", help="the model zoo with parameter counts")
-    sub.add_parser("methods", help="the methods and their options with defaults")
-    return parser
 
 
 _FLAG_FIELDS = ("dataset", "student", "epochs", "batch_size", "lr", "schedule", "milestones", "weight_decay",
@@ -135,6 +147,26 @@ def cmd_train(args, store) -> int:
     print(f"finished {summary['run_id']}: last top-1 {summary['last_top1']:.2f}%, best {summary['best_top1']:.2f}% "
           f"(epoch {summary['best_epoch']}), {summary['wall_time_s']:.0f} s, {summary['images_per_s']:.0f} img/s")
     print(f"stored in {store.run_dir(summary['run_id'])}")
+    return 0
+
+
+def cmd_cache_teacher(args, store) -> int:
+    from .runs import precompute_teacher_cache, teacher_of
+
+    if args.method is None:
+        args.method = "kd"  # any distillation method: the cache depends only on the teacher and the training set
+    config = config_from_args(args, store)
+    teacher = teacher_of(config)
+    print(f"teacher run id: {teacher.run_id}")
+    if args.dry_run:
+        print(json.dumps(teacher.to_dict(), indent=2))
+        return 0
+    result = precompute_teacher_cache(config, store=store, device=args.device, quiet=args.quiet, wait=args.wait,
+                                      data_root=args.data_dir)
+    print(f"teacher cache of {result['teacher_run_id']}: {result['coverage']:.1%} of {result['image_views']:,} "
+          f"image-views filled ({result['computed']:,} computed now, {result['seconds']:.0f} s on "
+          f"{result['device']})")
+    print(f"stored in {result['cache_path']}")
     return 0
 
 
@@ -189,7 +221,7 @@ def cmd_methods(args, store) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "list": cmd_list, "show": cmd_show, "models": cmd_models, "methods": cmd_methods}
+COMMANDS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "list": cmd_list, "show": cmd_show, "models": cmd_models, "methods": cmd_methods}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

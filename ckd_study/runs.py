@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import RunConfig
-from .data import ImageDataset, load_dataset
+from .data import NUM_VIEWS, ImageDataset, load_dataset
 from .methods import create_method, method_class
 from .models import ZooModel, create_model
 
@@ -325,19 +325,11 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         data = dataset_for(config, setup.device, data_root)
         torch.manual_seed(config.seed)
         student = create_model(config.student, data.num_classes)
-        teacher_model = None
-        if config.teacher is not None:
-            teacher_model = store.load_model(config.teacher.run_id)
-            if teacher_model.num_classes != data.num_classes:
-                raise RunError(f"teacher {config.teacher.run_id} predicts {teacher_model.num_classes} classes, "
-                               f"the dataset has {data.num_classes}")
+        teacher_model = _frozen_teacher(config, store, data, setup) if config.teacher is not None else None
         method = create_method(config.method, student, teacher_model, num_train=len(data.x_train),
                                **config.method_options)
         teacher_source = None
         if teacher_model is not None:
-            teacher_model = setup.prepare_model(teacher_model).eval()
-            for p in teacher_model.parameters():
-                p.requires_grad_(False)
             teacher_source = _teacher_source(config, teacher_model, teacher_summary, data, setup, store)
         trainer = Trainer(config, data, student, method, teacher_source, setup, quiet=quiet, step_hook=step_hook)
 
@@ -405,6 +397,71 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         }
         atomic_write_json(run_dir / "summary.json", summary)
         return summary
+
+
+def _frozen_teacher(config: RunConfig, store: RunStore, data: ImageDataset, setup) -> ZooModel:
+    """``config``'s teacher from its finished run (sha256-checked), on the device, in eval mode, frozen."""
+    teacher = store.load_model(config.teacher.run_id)
+    if teacher.num_classes != data.num_classes:
+        raise RunError(f"teacher {config.teacher.run_id} predicts {teacher.num_classes} classes, "
+                       f"the dataset has {data.num_classes}")
+    teacher = setup.prepare_model(teacher).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def teacher_of(config: RunConfig) -> RunConfig:
+    """The teacher config of a distillation config; a clear error for a config that trains without one."""
+    if config.teacher is None:
+        raise RunError(f"run {config.run_id} trains without a teacher (method {config.method!r}): there is no "
+                       f"teacher output to cache; give a distillation config (a method with a teacher)")
+    return config.teacher
+
+
+def precompute_teacher_cache(config: RunConfig, *, store: RunStore | None = None,
+                             device: str | torch.device | None = None, quiet: bool = False, wait: bool = False,
+                             data_root: str | Path | None = None, save_every: int = 18) -> dict:
+    """Fill the exact teacher-output cache of ``config``'s teacher and training set for all 162 views of every
+    image, and save it in the store, where every later run with this teacher and training set reads it.
+
+    Runs fill the cache lazily on their own (a view's teacher outputs are computed the first time a run meets
+    it); precomputing is for when the whole table is wanted up front, e.g. before a grid of long runs. The
+    teacher is trained first if it has no finished run. Views already cached (on disk) are skipped, and the
+    table is saved every ``save_every`` views, so an interrupted precompute continues where it stopped.
+    Returns the cache file, the teacher run, how many image-views were computed and how long it took.
+    """
+    from .teacher_cache import CACHEABLE, cached_teacher_source
+    from .train import DeviceSetup, LiveTeacher
+
+    teacher_of(config)
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every!r}")
+    store = store or RunStore()
+    teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait, data_root=data_root)
+    setup = DeviceSetup.for_device(device)
+    data = dataset_for(config, setup.device, data_root)
+    teacher = _frozen_teacher(config, store, data, setup)
+    source = cached_teacher_source(LiveTeacher(teacher, setup), CACHEABLE, teacher_summary, data, setup, store)
+    cache = source.cache
+    cached_before = int(cache.filled.sum())
+    started = time.perf_counter()
+
+    def after_view(view: int) -> None:
+        done = view + 1
+        if done % save_every == 0 or done == NUM_VIEWS:
+            source.save()
+        if not quiet:
+            print(f"teacher cache: view {done}/{NUM_VIEWS}, {cache.coverage:.1%} of "
+                  f"{len(data.x_train) * NUM_VIEWS:,} image-views filled, {time.perf_counter() - started:.0f} s",
+                  flush=True)
+
+    computed = cache.fill_all(teacher, data, setup, on_view=after_view)
+    seconds = time.perf_counter() - started
+    return {"cache_path": str(source.path), "teacher_run_id": config.teacher.run_id,
+            "teacher_sha256": teacher_summary["final_sha256"], "image_views": len(data.x_train) * NUM_VIEWS,
+            "cached_before": cached_before, "computed": computed, "coverage": cache.coverage,
+            "seconds": seconds, "device": str(setup.device)}
 
 
 def _teacher_source(config, teacher_model, teacher_summary, data, setup, store):

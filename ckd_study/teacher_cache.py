@@ -14,8 +14,9 @@ resumed (tested); it differs from the live teacher only by float16 rounding (tes
 Filling is lazy by default: a batch with misses runs the teacher on its missing views only, in calls of
 ``CANONICAL_BATCH`` (at the study's batch size of 64, never more than the live teacher), and runs that share
 a teacher and a seed (every method of a table) see the same views, so after the first run they never run the
-teacher. :meth:`TeacherOutputCache.fill_all` precomputes all
-162 views (worth it for long budgets: 240 epochs visit more views than that). Anything the cache cannot serve
+teacher. :meth:`TeacherOutputCache.fill_all` precomputes all 162 views
+(``ckd_study.runs.precompute_teacher_cache``, ``python -m ckd_study cache-teacher``; worth it before a grid of
+long runs: 240 epochs meet about 125 of the 162 views of each image anyway). Anything the cache cannot serve
 (no augmentation views, methods that read feature maps) falls back to the live teacher.
 """
 
@@ -25,6 +26,7 @@ import hashlib
 import io
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -112,9 +114,12 @@ class TeacherOutputCache:
         return True
 
     @torch.no_grad()
-    def fill_all(self, model: torch.nn.Module, data: ImageDataset, setup, batch_size: int = 1024) -> None:
-        """Precompute all 162 views of every training image (skips what is filled already); ``batch_size``
-        images are augmented at a time, the teacher runs in calls of ``CANONICAL_BATCH``."""
+    def fill_all(self, model: torch.nn.Module, data: ImageDataset, setup, batch_size: int = 1024,
+                 on_view: Callable[[int], None] | None = None) -> int:
+        """Precompute all 162 views of every training image, skipping what is filled already; returns how many
+        image-views were computed. ``batch_size`` images are augmented at a time, the teacher runs in calls of
+        ``CANONICAL_BATCH``; ``on_view(view)`` is called after each view is complete (progress, saving)."""
+        computed = 0
 
         def forward(images: torch.Tensor) -> ModelOutput:
             with setup.autocast():
@@ -130,6 +135,10 @@ class TeacherOutputCache:
                 images = augment(data.x_train[idx.to(data.x_train.device)], views.to(data.x_train.device),
                                  data.mean, data.std)
                 self.put(keys, canonical_outputs(forward, images, self.dims))
+                computed += len(keys)
+            if on_view is not None:
+                on_view(view)
+        return computed
 
 
 class CachedTeacher:

@@ -259,6 +259,9 @@ def test_cli_train_list_show_models_methods(tmp_path):
     assert '"temperature": 0.5' in _cli("show", run_id, results=results).stdout
     assert "resnet32x4" in _cli("models", results=results).stdout
     assert "anchor = 'teacher'" in _cli("methods", results=results).stdout
+    cached = _cli("cache-teacher", "--preset", "smoke", "--train-per-class", "6", "--quiet", results=results).stdout
+    assert "100.0% of 9,720 image-views filled (9,720 computed now" in cached
+    assert Path(cached.split("stored in ")[1].strip()).is_file()
     again = _cli("train", "--config", str(results / "runs" / run_id / "config.json"), "--quiet", results=results)
     assert run_id in again.stdout
 
@@ -269,6 +272,7 @@ def test_cli_train_list_show_models_methods(tmp_path):
     (["train", "--preset", "smoke", "--student", "resnet9000"], "resnet9000"),
     (["train", "--preset", "smoke", "--epochs", "0"], "epochs"),
     (["show", "no-such-run"], "no run"),
+    (["cache-teacher", "--preset", "smoke", "--method", "ce"], "trains without a teacher"),
 ])
 def test_cli_errors_name_the_problem(tmp_path, args, message):
     proc = _cli(*args, results=tmp_path / "results", check=False)

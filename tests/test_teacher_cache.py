@@ -11,7 +11,8 @@ import torch
 from ckd_study.config import make_config, teacher_config
 from ckd_study.data import NUM_VIEWS, Batch, augment, load_dataset, sample_views
 from ckd_study.models import ModelOutput, create_model
-from ckd_study.runs import RunStore, run
+from ckd_study import teacher_cache
+from ckd_study.runs import RunStore, precompute_teacher_cache, run
 from ckd_study.teacher_cache import (CANONICAL_BATCH, CachedTeacher, TeacherOutputCache, cache_path,
                                      cached_teacher_source, canonical_outputs)
 from ckd_study.train import DeviceSetup, LiveTeacher
@@ -181,3 +182,62 @@ def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
     live = run(live_cfg, store=warm, quiet=True)
     assert live["status"] == "finished" and live["teacher_source"] == "live"
     assert "teacher_cache_hits" not in live and "teacher_cache_hits" not in warm.metrics(live_cfg.run_id)[-1]
+
+
+SMALL = {"train_per_class": 6, "test_per_class": 2}  # 60 training images: 9,720 image-views to precompute
+
+
+def _stored_table(path):
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    return payload["keys"], payload["values"]
+
+
+def test_precompute_fills_every_view_and_later_runs_only_read_it(tmp_path):
+    config = make_config("smoke", method="kd", deterministic=True, **SMALL)
+    lazy = RunStore(tmp_path / "lazy")
+    reference = run(config, store=lazy, quiet=True)  # fills the cache lazily, with the views it meets
+    pre = RunStore(tmp_path / "pre")
+    shutil.copytree(lazy.run_dir(config.teacher.run_id), pre.run_dir(config.teacher.run_id))
+
+    result = precompute_teacher_cache(config, store=pre, quiet=True)
+    data = load_dataset("digits").subset(config.train_per_class, config.test_per_class, seed=0)
+    assert result["image_views"] == len(data.x_train) * NUM_VIEWS
+    assert result["cached_before"] == 0 and result["computed"] == result["image_views"] and result["coverage"] == 1.0
+    keys, values = _stored_table(result["cache_path"])
+    assert torch.equal(keys, torch.arange(result["image_views"]))
+    # Bit for bit the values the lazy run computed for the views it met.
+    lazy_keys, lazy_values = _stored_table(cache_path(lazy.root, reference["teacher_sha256"], data))
+    assert 0 < len(lazy_keys) < len(keys)
+    for name in ("logits", "pooled"):
+        assert torch.equal(values[name][lazy_keys], lazy_values[name])
+
+    second = run(config, store=pre, quiet=True)
+    assert second["teacher_cache_misses"] == 0 and second["teacher_cache_hits"] > 0
+    assert second["final_sha256"] == reference["final_sha256"]
+    again = precompute_teacher_cache(config, store=pre, quiet=True)
+    assert again["computed"] == 0 and again["cached_before"] == again["image_views"]
+
+
+def test_interrupted_precompute_continues_from_its_last_save(tmp_path, monkeypatch):
+    config = make_config("smoke", method="kd", **SMALL)
+    store = RunStore(tmp_path / "results")
+    run(config.teacher, store=store, quiet=True)
+    calls = []
+    real = teacher_cache.canonical_outputs
+
+    def dies_at_view_60(*args, **kwargs):  # the smoke training set is one augmentation chunk: one call a view
+        calls.append(1)
+        if len(calls) > 60:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache, "canonical_outputs", dies_at_view_60)
+    with pytest.raises(KeyboardInterrupt):
+        precompute_teacher_cache(config, store=store, quiet=True, save_every=25)
+    monkeypatch.setattr(teacher_cache, "canonical_outputs", real)
+    result = precompute_teacher_cache(config, store=store, quiet=True, save_every=25)
+    per_view = result["image_views"] // NUM_VIEWS
+    assert result["cached_before"] == 50 * per_view  # saved after views 25 and 50; views 51-60 were lost
+    assert result["computed"] == (NUM_VIEWS - 50) * per_view and result["coverage"] == 1.0
+    with pytest.raises(ValueError, match="save_every"):
+        precompute_teacher_cache(config, store=store, save_every=0)
