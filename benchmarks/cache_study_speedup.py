@@ -36,16 +36,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from ckd_study import study  # noqa: E402
 from ckd_study.methods import method_class  # noqa: E402
-from ckd_study.runs import RunStore, atomic_write_json, cpu_name, run  # noqa: E402
+from ckd_study.runs import (RunStore, atomic_write_json, cpu_name, environment_record,  # noqa: E402
+                            read_json, run)
 from ckd_study.teacher_cache import CACHEABLE  # noqa: E402
 
 SUMMARY_KEYS = ("run_id", "train_time_s", "wall_time_s", "images_per_s", "last_top1", "final_sha256",
-                "teacher_source", "teacher_cache_hits", "teacher_cache_misses")
+                "teacher_sha256", "teacher_source", "teacher_cache_hits", "teacher_cache_misses")
 
 
 def cacheable(method: str) -> bool:
@@ -113,8 +116,12 @@ def main(argv=None) -> int:
         measured = controlled(kd0, store, Path(tmp))
     t = {k: v["train_time_s"] for k, v in measured.items()}
     stored_kd0 = store.summary(kd0.run_id)
-    # the table's own KD seed-0 run has the cold/warm runs' config: same checkpoint when trained on this platform
+    # the table's own KD seed-0 run has the cold/warm runs' config: the same checkpoint when its teacher's weights
+    # and the torch build are the same (other kernels round differently, and a retrained teacher differs too)
     same_as_stored = stored_kd0["final_sha256"] == measured["warm"]["final_sha256"]
+    same_teacher = stored_kd0.get("teacher_sha256") == measured["warm"]["teacher_sha256"]
+    stored_env = store.run_dir(kd0.run_id) / "environment.json"
+    stored_versions = read_json(stored_env).get("versions") if stored_env.exists() else None
     extra = {"live": 0.0, "warm": t["live"] - t["warm"], "cold": t["live"] - t["cold"]}
     for row in rows:
         row["projected_live_train_time_s"] = row["train_time_s"] + extra[row["teacher"]]
@@ -128,6 +135,9 @@ def main(argv=None) -> int:
         "controlled_config": kd0.run_id,
         "controlled": measured,
         "controlled_checkpoint_equals_stored_run": same_as_stored,
+        "controlled_teacher_equals_stored_run_teacher": same_teacher,
+        "versions": environment_record(torch.device("cpu"))["versions"],
+        "stored_run_versions": stored_versions,
         "speedup_warm_vs_live": t["live"] / t["warm"],
         "speedup_cold_vs_live": t["live"] / t["cold"],
         "teacher_seconds_per_run": t["live"] - t["warm"],
@@ -157,7 +167,9 @@ def main(argv=None) -> int:
         print(f"| {name} | {m['train_time_s']:.1f} | {m['images_per_s']:.0f} | "
               f"{'every step' if misses is None else misses} | {m['last_top1']:.2f} | {m['final_sha256'][:12]} |")
     print(f"\nThe stored table's run of this config ended with {'the same' if same_as_stored else 'a different'} "
-          f"checkpoint ({stored_kd0['final_sha256'][:12]}).")
+          f"checkpoint ({stored_kd0['final_sha256'][:12]}), distilled from {'the same' if same_teacher else 'a different'}"
+          f" teacher checkpoint ({str(stored_kd0.get('teacher_sha256'))[:12]}) with torch "
+          f"{(stored_versions or {}).get('torch', 'unknown')} (here {torch.__version__}).")
     tb = result["table"]
     print(f"\nwarm cache vs live teacher: {result['speedup_warm_vs_live']:.2f}x; cold (filling) vs live: "
           f"{result['speedup_cold_vs_live']:.2f}x.")

@@ -34,6 +34,8 @@ def test_cache_study_on_the_smoke_main_table(tmp_path, capsys):
     assert c["warm"]["teacher_cache_hits"] == c["cold"]["teacher_cache_hits"] + c["cold"]["teacher_cache_misses"]
     assert c["cold"]["final_sha256"] == c["warm"]["final_sha256"] != c["live"]["final_sha256"]
     assert result["controlled_checkpoint_equals_stored_run"] is True  # same config, same machine, same code
+    assert result["controlled_teacher_equals_stored_run_teacher"] is True
+    assert result["versions"]["torch"] == result["stored_run_versions"]["torch"]
     table = result["table"]
     assert table["distillation_runs"] == len(entries) == len(table["runs"])
     # one seed: the first cacheable run filled the cache (recorded by the runs themselves), the rest read it
