@@ -1,0 +1,57 @@
+"""benchmarks/RESULTS.md and the README quote the committed benchmark JSON files: their headline numbers must be
+the ones the JSON files hold (no timing is measured here, only the record is checked against its data)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def _rows(markdown: str, first_cells: tuple[str, ...]) -> dict[str, list[str]]:
+    """Table rows of ``markdown`` whose first cell is one of ``first_cells``, as lists of cells."""
+    rows = {}
+    for line in markdown.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.lstrip().startswith("|") and cells[0] in first_cells:
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.fixture(scope="module")
+def records():
+    return (REPO / "benchmarks" / "RESULTS.md").read_text(), (REPO / "README.md").read_text()
+
+
+def test_training_benchmark_table_quotes_its_json(records):
+    results_md, readme = records
+    bench = json.loads((RESULTS / "bench_training_cpu.json").read_text())
+    variants = bench["variants"]
+    rows = _rows(results_md, tuple(variants))
+    assert set(rows) == set(variants)
+    for name, v in variants.items():
+        assert rows[name][1] == f"{v['images_per_s']:.1f}", name
+        assert rows[name][2] == f"{v['images_per_s'] / variants['reference']['images_per_s']:.2f}×", name
+    ratio = f"{bench['ratios']['ours_cached/reference']:.2f}×"
+    assert f"met, {ratio}" in results_md and f"**{ratio}**" in readme
+    assert bench["target"]["threshold"] == 2.0 and bench["target"]["ratio"] >= 2.0 and bench["target"]["met"]
+    assert bench["versions"]["torch"] in results_md  # the header names the torch build that was measured
+
+
+def test_cache_study_table_quotes_its_json(records):
+    results_md, readme = records
+    study = json.loads((RESULTS / "cache_study_quick.json").read_text())
+    labels = {"live": "live", "cold": "cold cache", "warm": "warm cache"}
+    rows = _rows(results_md, tuple(labels.values()))
+    for key, label in labels.items():
+        m = study["controlled"][key]
+        assert rows[label][1] == f"{m['train_time_s']:.1f}", key
+        assert rows[label][2] == f"{m['images_per_s']:.0f}", key
+        assert rows[label][5] == m["final_sha256"][:12], key
+    warm, table = f"{study['speedup_warm_vs_live']:.2f}×", f"{study['table']['speedup']:.2f}×"
+    assert f"**{warm}**" in results_md and f"**{table}**" in results_md
+    assert f"({warm})" in readme and f"({table})" in readme
