@@ -221,7 +221,8 @@ def cmd_methods(args, store) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "list": cmd_list, "show": cmd_show, "models": cmd_models, "methods": cmd_methods}
+COMMANDS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "list": cmd_list, "show": cmd_show,
+            "models": cmd_models, "methods": cmd_methods}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -441,8 +441,8 @@ def precompute_teacher_cache(config: RunConfig, *, store: RunStore | None = None
     teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait, data_root=data_root)
     setup = DeviceSetup.for_device(device)
     data = dataset_for(config, setup.device, data_root)
-    teacher = _frozen_teacher(config, store, data, setup)
-    source = cached_teacher_source(LiveTeacher(teacher, setup), CACHEABLE, teacher_summary, data, setup, store)
+    live = LiveTeacher(_frozen_teacher(config, store, data, setup), setup)
+    source = cached_teacher_source(live, CACHEABLE, teacher_summary, data, setup, store)
     cache = source.cache
     cached_before = int(cache.filled.sum())
     started = time.perf_counter()
@@ -456,7 +456,7 @@ def precompute_teacher_cache(config: RunConfig, *, store: RunStore | None = None
                   f"{len(data.x_train) * NUM_VIEWS:,} image-views filled, {time.perf_counter() - started:.0f} s",
                   flush=True)
 
-    computed = cache.fill_all(teacher, data, setup, on_view=after_view)
+    computed = cache.fill_all(live, data, on_view=after_view)
     seconds = time.perf_counter() - started
     return {"cache_path": str(source.path), "teacher_run_id": config.teacher.run_id,
             "teacher_sha256": teacher_summary["final_sha256"], "image_views": len(data.x_train) * NUM_VIEWS,

@@ -114,17 +114,13 @@ class TeacherOutputCache:
         return True
 
     @torch.no_grad()
-    def fill_all(self, model: torch.nn.Module, data: ImageDataset, setup, batch_size: int = 1024,
+    def fill_all(self, live, data: ImageDataset, batch_size: int = 1024,
                  on_view: Callable[[int], None] | None = None) -> int:
-        """Precompute all 162 views of every training image, skipping what is filled already; returns how many
-        image-views were computed. ``batch_size`` images are augmented at a time, the teacher runs in calls of
-        ``CANONICAL_BATCH``; ``on_view(view)`` is called after each view is complete (progress, saving)."""
+        """Precompute all 162 views of every training image with ``live`` (a ``train.LiveTeacher``), skipping
+        what is filled already; returns how many image-views were computed. ``batch_size`` images are augmented
+        at a time, the teacher runs in calls of ``CANONICAL_BATCH``; ``on_view(view)`` is called after each view
+        is complete (progress, saving)."""
         computed = 0
-
-        def forward(images: torch.Tensor) -> ModelOutput:
-            with setup.autocast():
-                return model(setup.prepare_images(images))
-
         for view in range(NUM_VIEWS):
             for start in range(0, self.num_samples, batch_size):
                 idx = torch.arange(start, min(start + batch_size, self.num_samples), device=self.device)
@@ -134,7 +130,7 @@ class TeacherOutputCache:
                     continue
                 images = augment(data.x_train[idx.to(data.x_train.device)], views.to(data.x_train.device),
                                  data.mean, data.std)
-                self.put(keys, canonical_outputs(forward, images, self.dims))
+                self.put(keys, canonical_outputs(live.forward_images, images, self.dims))
                 computed += len(keys)
             if on_view is not None:
                 on_view(view)

@@ -81,7 +81,7 @@ def test_fill_all_covers_every_view_exactly(setup):
     data, teacher, dev = setup
     small = data.subset(1, 1)
     cache = TeacherOutputCache(len(small.x_train), {"logits": teacher.num_classes, "pooled": teacher.pooled_dim})
-    cache.fill_all(teacher, small, dev, batch_size=7)
+    cache.fill_all(LiveTeacher(teacher, dev), small, batch_size=7)
     assert cache.coverage == 1.0
     idx = torch.tensor([3, 7, 0])
     views = torch.tensor([0, 161, 85])
@@ -130,7 +130,7 @@ def test_cached_values_do_not_depend_on_how_misses_were_grouped(setup):
             cached(Batch(batch.images[part], batch.labels[part], batch.indices[part], batch.view_ids[part]))
         tables[name] = cache.get(keys)
     full = TeacherOutputCache(len(data.x_train), dims)
-    full.fill_all(teacher, data, dev, batch_size=100)  # augments 100 at a time: canonical calls of 64 + 36 padded
+    full.fill_all(live, data, batch_size=100)  # augments 100 at a time: canonical calls of 64 + 36 padded
     tables["fill_all"] = full.get(keys)
     for name, values in tables.items():
         for out in ("logits", "pooled"):
