@@ -434,16 +434,17 @@ def precompute_teacher_cache(config: RunConfig, *, store: RunStore | None = None
     from .teacher_cache import CACHEABLE, cached_teacher_source
     from .train import DeviceSetup, LiveTeacher
 
-    teacher_of(config)
+    teacher_config = teacher_of(config)
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every!r}")
     store = store or RunStore()
-    teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait, data_root=data_root)
+    teacher_summary = run(teacher_config, store=store, device=device, quiet=quiet, wait=wait, data_root=data_root)
     setup = DeviceSetup.for_device(device)
     data = dataset_for(config, setup.device, data_root)
     live = LiveTeacher(_frozen_teacher(config, store, data, setup), setup)
     source = cached_teacher_source(live, CACHEABLE, teacher_summary, data, setup, store)
     cache = source.cache
+    image_views = len(data.x_train) * NUM_VIEWS
     cached_before = int(cache.filled.sum())
     started = time.perf_counter()
 
@@ -452,14 +453,13 @@ def precompute_teacher_cache(config: RunConfig, *, store: RunStore | None = None
         if done % save_every == 0 or done == NUM_VIEWS:
             source.save()
         if not quiet:
-            print(f"teacher cache: view {done}/{NUM_VIEWS}, {cache.coverage:.1%} of "
-                  f"{len(data.x_train) * NUM_VIEWS:,} image-views filled, {time.perf_counter() - started:.0f} s",
-                  flush=True)
+            print(f"teacher cache: view {done}/{NUM_VIEWS}, {cache.coverage:.1%} of {image_views:,} image-views "
+                  f"filled, {time.perf_counter() - started:.0f} s", flush=True)
 
     computed = cache.fill_all(live, data, on_view=after_view)
     seconds = time.perf_counter() - started
-    return {"cache_path": str(source.path), "teacher_run_id": config.teacher.run_id,
-            "teacher_sha256": teacher_summary["final_sha256"], "image_views": len(data.x_train) * NUM_VIEWS,
+    return {"cache_path": str(source.path), "teacher_run_id": teacher_config.run_id,
+            "teacher_sha256": teacher_summary["final_sha256"], "image_views": image_views,
             "cached_before": cached_before, "computed": computed, "coverage": cache.coverage,
             "seconds": seconds, "device": str(setup.device)}
 
