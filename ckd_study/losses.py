@@ -310,23 +310,38 @@ def dkd_loss(
     return DKDLoss(tckd + nckd, tckd, nckd)
 
 
-def standardize_logits(logits: Tensor, eps: float = 1e-7) -> Tensor:
-    r"""Logit standardisation (methods.md §1, "LS"): z-score over the class dimension.
+def standardize_logits(logits: Tensor, eps: float = 1e-7, unbiased: bool = True) -> Tensor:
+    r"""Logit standardisation (methods.md §1, "LS"): z-score over the class dimension (the last one).
 
-    .. math:: z(x) = (x - \mathrm{mean}(x)) / (\mathrm{std}(x) + \epsilon)
+    .. math:: z(x) = \frac{x - \mathrm{mean}(x)}{\epsilon + \mathrm{std}(x)},\qquad
+              \mathrm{std}(x) = \sqrt{\tfrac{1}{C - 1}\textstyle\sum_c (x_c - \mathrm{mean}(x))^2}
 
-    with the population std (``unbiased=False``), along the last dimension. Invariant to adding a constant and
-    to multiplying by a positive scalar (up to ``eps``), so e.g. ``kd_loss(standardize_logits(s),
-    standardize_logits(t), 2.0)`` (KD+LS: base temperature 2, KD weight 9 applied by the caller) does not see
-    the logit scale. Returned in float32 (float64 for float64 input).
+    Default ``unbiased=True``: the sample (Bessel-corrected, C - 1) std, which is what the released code
+    computes (sunshangquan/logit-standardization-KD, ``normalize()`` in ``mdistiller/distillers/KD.py`` and
+    ``DKD.py``: torch's default ``std()``) and therefore what its KD+LS / DKD+LS numbers were trained with;
+    ``eps=1e-7`` is added to the std, as there.
+
+    ``unbiased=False`` uses the population std (divide by C), i.e. rows of unit variance. It exists to
+    reproduce this study's KD+LS / DKD+LS runs made before the default followed the released code, and for
+    comparison with z-scores computed elsewhere with numpy's default ``ddof=0``. The two differ by a constant
+    factor: ``z_population = z_unbiased * sqrt(C / (C - 1))`` (up to ``eps``), i.e. the same as a base
+    temperature ``sqrt((C - 1) / C)`` times smaller (0.995x for C=100).
+
+    Invariant to adding a constant and to multiplying by a positive scalar (up to ``eps``), so e.g.
+    ``kd_loss(standardize_logits(s), standardize_logits(t), 2.0)`` (KD+LS: base temperature 2, KD weight 9
+    applied by the caller) does not see the logit scale. Returned in float32 (float64 for float64 input).
     """
     _check_tensor("logits", logits)
     if logits.dim() < 1:
         raise ValueError("logits must have a class dimension, got a 0-dim tensor")
     _check_nonnegative("eps", eps)
+    if not isinstance(unbiased, bool):
+        raise ValueError(f"unbiased must be a bool, got {unbiased!r}")
+    if unbiased and logits.shape[-1] < 2:
+        raise ValueError("the unbiased std needs at least 2 classes; pass unbiased=False for a single class")
     x = _to_compute(logits)
     mean = x.mean(dim=-1, keepdim=True)
-    std = x.std(dim=-1, keepdim=True, unbiased=False)
+    std = x.std(dim=-1, keepdim=True, correction=1 if unbiased else 0)
     return (x - mean) / (std + eps)
 
 

@@ -174,10 +174,10 @@ class KD(Method):
 
     name = "kd"
     Options = KDOptions
-    standardize: ClassVar[bool] = False
 
     def _logits(self, out: ModelOutput) -> torch.Tensor:
-        return losses.standardize_logits(out.logits) if self.standardize else out.logits
+        """The logits the KD term compares (the LS variant z-scores them)."""
+        return out.logits
 
     def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
         o = self.options
@@ -187,11 +187,24 @@ class KD(Method):
 
 @dataclass(frozen=True)
 class KDLSOptions(KDOptions):
-    """KD+LS (methods.md §1): KD on z-scored logits. Defaults: base temperature 2, KD weight 9, CE weight 0.1."""
+    """KD+LS (methods.md §1): KD on z-scored logits, ``z = (l − mean(l)) / (1e-7 + std(l))`` per sample.
+    Defaults: base temperature 2, KD weight 9, CE weight 0.1, unbiased std (all as released).
+
+    ``unbiased_std`` (default True): z-score with the sample (C − 1) std, as the released code
+    (sunshangquan/logit-standardization-KD, ``normalize()``: torch's default ``std()``). False uses the
+    population std (unit-variance rows), the same as a base temperature 0.995× as large for C=100; kept to
+    reproduce this study's LS runs made before the default followed the released code.
+    """
 
     temperature: float = 2.0
     ce_weight: float = 0.1
     kd_weight: float = 9.0
+    unbiased_std: bool = True
+
+    def validate(self, method: str) -> None:
+        super().validate(method)
+        _check(isinstance(self.unbiased_std, bool), method, "unbiased_std",
+               f"must be a bool, got {self.unbiased_std!r}")
 
 
 @register_method
@@ -200,7 +213,9 @@ class KDLS(KD):
 
     name = "kd_ls"
     Options = KDLSOptions
-    standardize = True
+
+    def _logits(self, out: ModelOutput) -> torch.Tensor:
+        return losses.standardize_logits(out.logits, unbiased=self.options.unbiased_std)
 
 
 @dataclass(frozen=True)
@@ -227,14 +242,20 @@ class DKDOptions:
 class DKD(Method):
     name = "dkd"
     Options = DKDOptions
-    standardize: ClassVar[bool] = False
+
+    def _logits(self, out: ModelOutput) -> torch.Tensor:
+        """The logits TCKD/NCKD compare (the LS variant z-scores them)."""
+        return out.logits
+
+    def _alpha_beta(self) -> tuple[float, float]:
+        """The weights of TCKD and NCKD (the LS variant scales both by its KD weight)."""
+        return self.options.alpha, self.options.beta
 
     def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
         o = self.options
-        s, t = student_out.logits, teacher_out.logits
-        if self.standardize:
-            s, t = losses.standardize_logits(s), losses.standardize_logits(t)
-        parts = losses.dkd_loss(s, t, labels, alpha=o.alpha, beta=o.beta, temperature=o.temperature)
+        alpha, beta = self._alpha_beta()
+        parts = losses.dkd_loss(self._logits(student_out), self._logits(teacher_out), labels, alpha=alpha,
+                                beta=beta, temperature=o.temperature)
         warm = _warmup_factor(epoch, o.warmup)
         return {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels),
                 "dkd_tckd": warm * parts.tckd, "dkd_nckd": warm * parts.nckd}
@@ -242,17 +263,40 @@ class DKD(Method):
 
 @dataclass(frozen=True)
 class DKDLSOptions(DKDOptions):
-    """DKD+LS (methods.md §1): DKD on z-scored logits. Defaults as DKD (α=1, β=8, warm-up 20) but base
-    temperature 2, as in the logit-standardisation release."""
+    """DKD+LS (methods.md §1): DKD on z-scored logits,
+    ``ce_weight·CE + w(epoch)·kd_weight·(α·TCKD + β·NCKD)`` with τ the base temperature.
+
+    Defaults, as released (sunshangquan/logit-standardization-KD, ``tools/train.py`` with ``--logit-stand``):
+    base temperature 2, ``kd_weight`` 9 multiplying both α and β (so α=9, β=72 with DKD's α=1, β=8; the
+    per-pair β of ``config.PAIR_METHOD_DEFAULTS`` is multiplied too), warm-up 20, CE weight 1. Without the
+    factor the distillation term is 9× weaker than the one the published DKD+LS numbers were trained with;
+    ``kd_weight=1`` gives plain DKD weights on z-scored logits.
+
+    ``unbiased_std``: as for ``kd_ls`` (default True, the released sample std; False, the population std).
+    """
 
     temperature: float = 2.0
+    kd_weight: float = 9.0
+    unbiased_std: bool = True
+
+    def validate(self, method: str) -> None:
+        super().validate(method)
+        _non_negative(method, kd_weight=self.kd_weight)
+        _check(isinstance(self.unbiased_std, bool), method, "unbiased_std",
+               f"must be a bool, got {self.unbiased_std!r}")
 
 
 @register_method
 class DKDLS(DKD):
     name = "dkd_ls"
     Options = DKDLSOptions
-    standardize = True
+
+    def _logits(self, out: ModelOutput) -> torch.Tensor:
+        return losses.standardize_logits(out.logits, unbiased=self.options.unbiased_std)
+
+    def _alpha_beta(self) -> tuple[float, float]:
+        o = self.options
+        return o.kd_weight * o.alpha, o.kd_weight * o.beta
 
 
 @dataclass(frozen=True)

@@ -91,9 +91,10 @@ def _l2(v):
     return [x / n for x in v] if n > 0 else [0.0 for _ in v]
 
 
-def _zscore(v, eps=0.0):
+def _zscore(v, eps=0.0, ddof=0):
+    """(x - mean) / (std + eps) with std = sqrt(sum (x - mean)^2 / (n - ddof)): ddof=1 is torch's default std."""
     m = sum(v) / len(v)
-    sd = math.sqrt(sum((x - m) ** 2 for x in v) / len(v))
+    sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - ddof))
     if sd + eps == 0:
         return [0.0 for _ in v]
     return [(x - m) / (sd + eps) for x in v]
@@ -323,12 +324,29 @@ def test_dkd_stable_for_extreme_logits():
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_standardize_matches_reference(shape):
+def test_standardize_default_is_the_released_sample_std(shape):
+    """Default: (x - mean) / (1e-7 + std) with the C - 1 (sample) std, as the released normalize() computes."""
     s, _ = make_logits(*shape)
     z = standardize_logits(s)
     for row_impl, row in zip(z.tolist(), s.tolist()):
-        for a, b in zip(row_impl, _zscore(row, eps=1e-7)):
+        for a, b in zip(row_impl, _zscore(row, eps=1e-7, ddof=1)):
             assert math.isclose(a, b, rel_tol=1e-10, abs_tol=1e-12)
+    # the standardised rows have sample variance 1, hence population variance (C - 1) / C
+    c = shape[1]
+    for row in z.tolist():
+        assert math.isclose(sum(x * x for x in row) / (c - 1), 1.0, rel_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_standardize_population_option_matches_reference(shape):
+    s, _ = make_logits(*shape)
+    z = standardize_logits(s, unbiased=False)
+    for row_impl, row in zip(z.tolist(), s.tolist()):
+        for a, b in zip(row_impl, _zscore(row, eps=1e-7, ddof=0)):
+            assert math.isclose(a, b, rel_tol=1e-10, abs_tol=1e-12)
+    # a constant factor sqrt(C / (C - 1)) apart (eps aside), as the docstring states
+    c = shape[1]
+    torch.testing.assert_close(z, standardize_logits(s) * math.sqrt(c / (c - 1)), rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -932,6 +950,8 @@ def _bad_calls():
         (lambda: mem(e, f, torch.arange(4), torch.zeros(4, 2, dtype=torch.long)), "contrast_index"),
         (lambda: crd_nce_loss(torch.rand(4, 1), 10), "out"),
         (lambda: standardize_logits(s, eps=-1.0), "eps"),
+        (lambda: standardize_logits(s, unbiased="yes"), "unbiased"),
+        (lambda: standardize_logits(s[:, :1]), "2 classes"),
     ]
 
 

@@ -122,6 +122,83 @@ def test_warmups_follow_the_epoch():
     assert torch.allclose(early["mcld_instance"], late["mcld_instance"])
 
 
+# ----------------------------------------------------------------------------------- logit standardisation
+# The released code (sunshangquan/logit-standardization-KD): normalize(z) = (z - mean) / (1e-7 + std) with
+# torch's default, unbiased (C - 1) std; KD+LS: 0.1·CE + 9·KD(τ=2); DKD+LS: tools/train.py multiplies DKD's
+# α and β by --kd-weight 9 and sets τ to --base-temp 2. The formulas below are written out independently.
+
+
+def _zscore(z: torch.Tensor, ddof: int) -> torch.Tensor:
+    z = z.double()
+    centred = z - z.sum(1, keepdim=True) / z.shape[1]
+    std = (centred.pow(2).sum(1, keepdim=True) / (z.shape[1] - ddof)).sqrt()
+    return centred / (1e-7 + std)
+
+
+def _kl(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Row-wise KL(p ‖ q) from probabilities."""
+    return (p * (p.log() - q.log())).sum(1)
+
+
+def _tckd_nckd(s: torch.Tensor, t: torch.Tensor, y: torch.Tensor, tau: float) -> tuple[float, float]:
+    """DKD's two terms (batch means, times τ²): binary target-vs-rest KL and the KL of the renormalised
+    non-target distributions."""
+    ps, pt = torch.softmax(s / tau, 1), torch.softmax(t / tau, 1)
+    rows = torch.arange(len(y))
+    bs = torch.stack([ps[rows, y], 1 - ps[rows, y]], 1)
+    bt = torch.stack([pt[rows, y], 1 - pt[rows, y]], 1)
+    keep = torch.ones_like(ps, dtype=torch.bool)
+    keep[rows, y] = False
+    ns = ps[keep].view(len(y), -1)
+    nt = pt[keep].view(len(y), -1)
+    ns, nt = ns / ns.sum(1, keepdim=True), nt / nt.sum(1, keepdim=True)
+    return float(_kl(bt, bs).mean()) * tau**2, float(_kl(nt, ns).mean()) * tau**2
+
+
+def _logits_pair(b=6, c=NUM_CLASSES):
+    teacher, student = _pair("resnet14", "resnet8")
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(b, 3, 32, 32, generator=g)
+    with torch.no_grad():  # value checks only
+        t, s = teacher(x), student(x)
+    # make the logits far from standardised, so that the choice of std and the scale matter
+    s = s._replace(logits=3.0 * s.logits + torch.randn(b, c, generator=g) * 2.0)
+    t = t._replace(logits=5.0 * t.logits + torch.randn(b, c, generator=g) * 4.0 + 1.0)
+    return teacher, student, s, t, torch.arange(b) % c
+
+
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_kd_ls_is_the_released_kd_on_standardised_logits(unbiased):
+    teacher, student, s, t, y = _logits_pair()
+    options = {} if unbiased else {"unbiased_std": False}
+    terms = create_method("kd_ls", student, teacher, **options)(s, t, y, None, 1)
+    ddof = 1 if unbiased else 0
+    zs, zt = _zscore(s.logits, ddof), _zscore(t.logits, ddof)
+    kd = float(_kl(torch.softmax(zt / 2, 1), torch.softmax(zs / 2, 1)).mean()) * 4
+    assert float(terms["kd"]) == pytest.approx(9 * kd, rel=1e-5)
+    ce = float(torch.nn.functional.cross_entropy(s.logits.double(), y))
+    assert float(terms["ce"]) == pytest.approx(0.1 * ce, rel=1e-5)
+
+
+@pytest.mark.parametrize("epoch", [5, 40])
+def test_dkd_ls_weights_alpha_and_beta_by_the_released_kd_weight(epoch):
+    teacher, student, s, t, y = _logits_pair()
+    terms = create_method("dkd_ls", student, teacher)(s, t, y, None, epoch)
+    tckd, nckd = _tckd_nckd(_zscore(s.logits, 1), _zscore(t.logits, 1), y, tau=2.0)
+    warm = min(epoch / 20, 1.0)
+    assert float(terms["dkd_tckd"]) == pytest.approx(warm * 9 * 1.0 * tckd, rel=1e-5)
+    assert float(terms["dkd_nckd"]) == pytest.approx(warm * 9 * 8.0 * nckd, rel=1e-5)
+    # the per-pair β and kd_weight=1 (plain DKD weights on z-scored logits) go through the same formula
+    plain = create_method("dkd_ls", student, teacher, kd_weight=1.0, beta=2.0)(s, t, y, None, epoch)
+    assert float(plain["dkd_tckd"]) == pytest.approx(warm * tckd, rel=1e-5)
+    assert float(plain["dkd_nckd"]) == pytest.approx(warm * 2.0 * nckd, rel=1e-5)
+    # and plain DKD is untouched: α=1, β=8, τ=4 on the raw logits
+    dkd = create_method("dkd", student, teacher)(s, t, y, None, epoch)
+    raw_tckd, raw_nckd = _tckd_nckd(s.logits.double(), t.logits.double(), y, tau=4.0)
+    assert float(dkd["dkd_tckd"]) == pytest.approx(warm * raw_tckd, rel=1e-5)
+    assert float(dkd["dkd_nckd"]) == pytest.approx(warm * 8.0 * raw_nckd, rel=1e-5)
+
+
 def test_dcd_fixed_temperature_divides():
     teacher, student = _pair("resnet14", "resnet8")
     method = create_method("dcd", student, teacher, fixed_temperature=0.1)
@@ -153,6 +230,8 @@ def test_dcd_fixed_temperature_divides():
     ("dcd", {"fixed_temperature": 0.0}, "fixed_temperature"),
     ("crd", {"nce_m": 1.5}, "nce_m"),
     ("dkd", {"beta": -2.0}, "beta"),
+    ("dkd_ls", {"kd_weight": -9.0}, "kd_weight"),
+    ("kd_ls", {"unbiased_std": "yes"}, "unbiased_std"),
 ])
 def test_invalid_options_raise_clear_errors(name, options, message):
     teacher, student = _pair("resnet14", "resnet8")
