@@ -1,8 +1,8 @@
 """Pure loss functions of the study: KD, DKD, logit standardisation, CKD, MCLD, DCD and CRD.
 
-Every function here is a pure function of its tensor arguments (``CRDMemory`` is the one stateful module,
-because CRD needs a memory bank). The maths is the one written in ``/work/shared/docs/methods.md`` (cited as
-"methods.md §N" below).
+Every function here is a pure function of its tensor arguments (``CRDMemory`` and the ``CRDNegativeSampler`` it
+owns are the stateful modules, because CRD needs a memory bank and, for its negatives, the training labels).
+The maths is the one written in ``/work/shared/docs/methods.md`` (cited as "methods.md §N" below).
 
 Conventions shared by every loss:
 
@@ -45,8 +45,10 @@ __all__ = [
     "linear_warmup",
     "dcd_loss",
     "CRDMemory",
+    "CRDNegativeSampler",
     "crd_nce_loss",
     "crd_loss",
+    "CRD_NEGATIVES",
     "CKD_ANCHORS",
     "CKD_NEGATIVES",
     "CKD_TERMS",
@@ -62,6 +64,7 @@ CKD_TERMS = ("intra", "inter")
 MCLD_NORMALIZE = ("l2", "zscore+l2")
 MCLD_TARGET_MASKS = ("none", "same_label", "gt_logit")
 MCLD_SAMPLE_MODES = ("reverse", "label")
+CRD_NEGATIVES = ("exact", "uniform")
 
 # Norm floor used by every L2 normalisation here (the same as ``F.normalize``'s default eps).
 _NORM_EPS = 1e-12
@@ -780,6 +783,83 @@ def dcd_loss(
 # --------------------------------------------------------------------------------------------------------------
 
 
+class CRDNegativeSampler(nn.Module):
+    """CRD's negatives as released: per anchor, K dataset indices from the *other classes* (methods.md §1).
+
+    RepDistiller's ``CIFAR100InstanceSample`` with ``mode='exact'`` (the setting of its CRD runs) draws, for a
+    sample of class y, ``K`` indices from the pool of all training samples whose label is not y, without
+    replacement (with replacement only when K exceeds that pool), independently for every sample; the
+    positive is the sample's own index. Here the whole batch is drawn at once, on the labels' device, from
+    torch's global RNG of that device (the trainer checkpoints it, so a resumed run draws the same negatives):
+
+    * The pool of class y is held implicitly: ``order`` lists the dataset sorted by class (stable), class y
+      occupies ``order[start[y] : start[y] + count[y]]``, so pool position p maps to ``order[p]`` before that
+      block and ``order[p + count[y]]`` after it. State: O(n_data), no (classes x pool) table.
+    * Without replacement: every row gets one random 31-bit integer key per pool position and keeps the
+      positions of its K smallest keys (``topk``), a uniformly random K-subset of its pool. Positions beyond a
+      row's pool (classes of different sizes) get a key above every random one, so they are never kept.
+      Two equal keys only decide which of two positions is kept when they straddle the K-th place (for CIFAR
+      sizes, a few in a thousand rows, then between two positions both otherwise equally likely).
+    * With replacement, for rows whose pool is smaller than K: K independent uniform positions of the pool.
+
+    Cost per call: B x max_pool random keys and a top-K per row (B=64, pool 49,500, K=16,384: tens of ms on
+    one CPU core, see ``benchmarks/bench_losses.py``), against B x (K+1) draws for uniform sampling.
+    """
+
+    # keys are drawn in [0, _KEY_INVALID), positions outside a row's pool get _KEY_INVALID
+    _KEY_INVALID = 2**31 - 1
+
+    def __init__(self, labels: Tensor, nce_k: int):
+        super().__init__()
+        _check_tensor("labels", labels)
+        if labels.dim() != 1 or labels.numel() < 1 or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be a non-empty 1-d integer tensor (one label per training sample), "
+                             f"got shape {tuple(labels.shape)} {labels.dtype}")
+        if isinstance(nce_k, bool) or not isinstance(nce_k, int) or nce_k < 1:
+            raise ValueError(f"nce_k must be a positive integer, got {nce_k!r}")
+        labels = labels.long()
+        if int(labels.min()) < 0:
+            raise ValueError(f"labels must be >= 0, got a minimum of {int(labels.min())}")
+        counts = torch.bincount(labels)
+        if int(counts.max()) == labels.numel():
+            raise ValueError("labels hold a single class: there is no other-class sample to draw negatives from")
+        self.n_data = labels.numel()
+        self.nce_k = nce_k
+        # the largest pool (the smallest class among those present) sizes the random keys
+        self.max_pool = self.n_data - int(counts[counts > 0].min())
+        # classes whose pool is smaller than K are sampled with replacement (as RepDistiller does)
+        self.any_with_replacement = bool((self.n_data - counts[counts > 0] < nce_k).any())
+        self.uneven_pools = int(counts[counts > 0].min()) != int(counts.max())
+        starts = torch.cumsum(counts, 0) - counts
+        # derived from the labels, so not saved in state_dict (a checkpoint does not change)
+        self.register_buffer("labels", labels, persistent=False)
+        self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("class_start", starts, persistent=False)
+        self.register_buffer("class_count", counts, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"n_data={self.n_data}, nce_k={self.nce_k}, max_pool={self.max_pool}"
+
+    def forward(self, index: Tensor) -> Tensor:
+        """(B, K+1) dataset indices: column 0 is ``index`` (the positive), columns 1..K the negatives."""
+        y = self.labels[index]
+        count = self.class_count[y][:, None]
+        start = self.class_start[y][:, None]
+        pool = self.n_data - count  # (B, 1)
+        k, device, bsz = self.nce_k, self.labels.device, index.shape[0]
+        if k <= self.max_pool:
+            keys = torch.empty(bsz, self.max_pool, dtype=torch.int32, device=device).random_(0, self._KEY_INVALID)
+            if self.uneven_pools:
+                columns = torch.arange(self.max_pool, device=device)
+                keys.masked_fill_(columns >= pool, self._KEY_INVALID)
+            position = keys.topk(k, dim=1, largest=False, sorted=False).indices
+        if self.any_with_replacement:
+            drawn = torch.empty(bsz, k, dtype=torch.int64, device=device).random_() % pool
+            position = drawn if k > self.max_pool else torch.where(pool < k, drawn, position)
+        negatives = self.order[position + count * (position >= start)]
+        return torch.cat([index[:, None], negatives], dim=1)
+
+
 class CRDMemory(nn.Module):
     """CRD's two momentum memory banks and NCE scores (methods.md §1; RepDistiller's ``ContrastMemory``).
 
@@ -794,18 +874,39 @@ class CRDMemory(nn.Module):
     is applied by the caller. Inputs are expected to be L2-normalised embeddings (CRD's ``Embed`` heads
     normalise), as in RepDistiller; this module does not normalise them.
 
+    Negatives, when :meth:`forward` is not given a ``contrast_index``:
+
+    * ``negatives="exact"`` (default, as released: RepDistiller's ``mode='exact'``): K indices from the
+      anchor's *other classes*, without replacement (with replacement only if K exceeds that pool), drawn by
+      :class:`CRDNegativeSampler` from the training ``labels`` (required for this mode).
+    * ``negatives="uniform"``: K indices uniform over the whole dataset, with replacement (``torch.randint``),
+      so a negative may share the anchor's class or be the anchor itself. This is not what RepDistiller's CRD
+      runs do; it is what this study did before following the release, kept to reproduce those runs and as
+      the cheap, label-free variant (B x (K+1) draws instead of B x pool keys and a top-K).
+
     Cost: O(B * K * feat_dim) per step (computed as O(B * n_data * feat_dim) dense products when n_data is
     within ``FULL_PRODUCT_MAX_RATIO`` times K+1, which is faster, see ``_dot_products``) plus an
-    (n_data x feat_dim x 2) state that grows with the dataset, and the caller must supply the dataset index of
-    every sample.
+    (n_data x feat_dim x 2) state that grows with the dataset, plus drawing the negatives (``"exact"``: B x pool
+    random keys and a top-K, see :class:`CRDNegativeSampler`); the caller must supply the dataset index of
+    every sample (and, for ``"exact"``, the labels of the whole training set).
     """
 
     def __init__(self, feat_dim: int, n_data: int, nce_k: int = 16384, nce_t: float = 0.07, nce_m: float = 0.5,
-                 generator: Optional[torch.Generator] = None):
+                 generator: Optional[torch.Generator] = None, negatives: str = "exact",
+                 labels: Optional[Tensor] = None):
         super().__init__()
         for name, value in (("feat_dim", feat_dim), ("n_data", n_data), ("nce_k", nce_k)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.negatives = _check_choice("negatives", negatives, CRD_NEGATIVES)
+        self.sampler: Optional[CRDNegativeSampler] = None
+        if labels is not None:
+            if negatives != "exact":
+                raise ValueError(f"labels are only used by negatives='exact', got negatives={negatives!r}")
+            if _check_tensor("labels", labels).shape != (n_data,):
+                raise ValueError(f"labels must hold one label per memory row, shape ({n_data},), "
+                                 f"got {tuple(labels.shape)}")
+            self.sampler = CRDNegativeSampler(labels, nce_k)
         _check_positive("nce_t", nce_t)
         if not _is_real(nce_m) or not 0.0 <= float(nce_m) <= 1.0:
             raise ValueError(f"nce_m (momentum) must be in [0, 1], got {nce_m!r}")
@@ -822,7 +923,7 @@ class CRDMemory(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"feat_dim={self.feat_dim}, n_data={self.n_data}, nce_k={self.nce_k}, nce_t={self.nce_t}, "
-                f"nce_m={self.nce_m}")
+                f"nce_m={self.nce_m}, negatives={self.negatives}")
 
     def forward(self, student_embed: Tensor, teacher_embed: Tensor, index: Tensor,
                 contrast_index: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
@@ -832,9 +933,9 @@ class CRDMemory(nn.Module):
             student_embed, teacher_embed: (B, feat_dim), L2-normalised.
             index: (B,) dataset indices of the batch samples (the positives).
             contrast_index: optional (B, K+1) memory indices; column 0 is expected to be ``index`` (it is used
-                as given, as in RepDistiller). When None, columns 1..K are drawn uniformly from
-                [0, n_data) with ``torch.randint`` (with replacement, so a sample can be its own negative,
-                as with RepDistiller's uniform AliasMethod) and column 0 is set to ``index``.
+                as given, as in RepDistiller). When None, column 0 is ``index`` and columns 1..K are drawn
+                as ``negatives`` says (class docstring): other-class samples without replacement
+                (``"exact"``), or uniformly over [0, n_data) with replacement (``"uniform"``).
         Returns:
             ``(out_student, out_teacher)``, each (B, K+1): ``exp(m_k . x / T) / Z``; column 0 is the positive.
             ``out_student``: student embedding against the teacher memory; ``out_teacher``: teacher embedding
@@ -859,8 +960,7 @@ class CRDMemory(nn.Module):
                              f"{tuple(index.shape)} {index.dtype}")
         index = index.long()
         if contrast_index is None:
-            contrast_index = torch.randint(0, self.n_data, (bsz, k + 1), device=self.memory_student.device)
-            contrast_index[:, 0] = index
+            contrast_index = self._draw_contrast_index(index)
         else:
             if contrast_index.shape != (bsz, k + 1) or contrast_index.is_floating_point():
                 raise ValueError(f"contrast_index must be an integer tensor of shape (B, nce_k+1) = "
@@ -889,6 +989,18 @@ class CRDMemory(nn.Module):
                 memory.index_copy_(0, index, _l2_normalize(pos, dim=1))
         return out_student, out_teacher
 
+
+    def _draw_contrast_index(self, index: Tensor) -> Tensor:
+        """(B, K+1) memory indices, column 0 the positive ``index``, drawn from the device's global RNG."""
+        if self.negatives == "uniform":
+            contrast_index = torch.randint(0, self.n_data, (index.shape[0], self.nce_k + 1),
+                                           device=self.memory_student.device)
+            contrast_index[:, 0] = index
+            return contrast_index
+        if self.sampler is None:
+            raise ValueError("negatives='exact' draws other-class negatives and needs the training labels: build "
+                             "CRDMemory with labels=..., pass a contrast_index, or use negatives='uniform'")
+        return self.sampler(index)
 
     # Up to this many memory rows per contrast column, scoring the whole memory beats gathering rows (CPU,
     # B=64, K=4096: dense 15 / 61 / 130 ms at 10k / 50k / 100k rows, gather ~260 ms at any size; bench_losses.py).

@@ -6,13 +6,15 @@ dict of named, already-weighted loss terms, e.g. ``{"ce": ..., "ckd_intra": ...,
 training loop sums, logs and back-propagates them without knowing which method produced them.
 
 Options live in one dataclass per method (``Method.Options``): its defaults are the defaults of the study and
-are validated when built. ``create_method(name, student, teacher, **options)`` builds a method.
+are validated when built. ``create_method(name, student, teacher, num_train=..., train_labels=..., **options)``
+builds a method.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -49,7 +51,8 @@ class Method(nn.Module):
     teacher_outputs: ClassVar[frozenset[str]] = frozenset({"logits"})
     needs_indices: ClassVar[bool] = False
 
-    def __init__(self, student: ZooModel, teacher: ZooModel | None, options: Any, num_train: int) -> None:
+    def __init__(self, student: ZooModel, teacher: ZooModel | None, options: Any, num_train: int,
+                 train_labels: torch.Tensor | None = None) -> None:
         super().__init__()
         self.options = options
         self.num_train = num_train
@@ -107,13 +110,18 @@ def _to_plain(opts: Any) -> dict[str, Any]:
 
 
 def create_method(name: str, student: ZooModel, teacher: ZooModel | None = None, num_train: int = 50_000,
-                  **options: Any) -> Method:
-    """Build method ``name`` for a student/teacher pair; ``num_train`` sizes CRD's memory."""
+                  train_labels: torch.Tensor | None = None, **options: Any) -> Method:
+    """Build method ``name`` for a student/teacher pair.
+
+    ``num_train`` sizes CRD's memory; ``train_labels`` (the (num_train,) labels of the training set, indexed
+    like the sample indices the trainer passes) lets CRD draw its negatives from the other classes, as
+    released. Methods that do not need them ignore both.
+    """
     cls = method_class(name)
     opts = build_options(name, options)
     if cls.needs_teacher and teacher is None:
         raise MethodError(f"method {name!r} distils from a teacher, but no teacher model was given")
-    return cls(student, teacher, opts, num_train)
+    return cls(student, teacher, opts, num_train, train_labels=train_labels)
 
 
 def _positive(method: str, **values: float) -> None:
@@ -304,7 +312,16 @@ class CRDOptions:
     """CRD (methods.md §1): linear heads + L2 norm on pooled features, negatives from memory banks.
 
     Defaults: ``feat_dim`` 128, ``nce_k`` 16,384 negatives, NCE temperature 0.07, memory momentum 0.5,
-    weight 0.8, CE weight 1. Head input widths are inferred from the models' ``pooled_dim``."""
+    weight 0.8, CE weight 1, ``negatives`` "exact". Head input widths are inferred from the models'
+    ``pooled_dim``.
+
+    ``negatives``: for an anchor of class y, ``"exact"`` (default, as released: RepDistiller's
+    ``mode='exact'``) draws the K negative indices from the training samples of the other classes, without
+    replacement (with replacement only if K exceeds that pool), the positive being the anchor's own index;
+    it needs ``train_labels`` (see :func:`create_method`; without them the method warns and samples
+    uniformly). ``"uniform"`` draws them uniformly over the whole training set with replacement (same-class
+    samples and the anchor itself can be negatives): what this study did before following the release,
+    kept to reproduce those runs."""
 
     feat_dim: int = 128
     nce_k: int = 16384
@@ -312,6 +329,7 @@ class CRDOptions:
     nce_m: float = 0.5
     weight: float = 0.8
     ce_weight: float = 1.0
+    negatives: str = "exact"
 
     def validate(self, method: str) -> None:
         _check(isinstance(self.feat_dim, int) and self.feat_dim >= 1, method, "feat_dim",
@@ -321,6 +339,8 @@ class CRDOptions:
         _positive(method, nce_t=self.nce_t)
         _check(0 <= self.nce_m < 1, method, "nce_m", f"must be in [0, 1), got {self.nce_m!r}")
         _non_negative(method, weight=self.weight, ce_weight=self.ce_weight)
+        _check(self.negatives in losses.CRD_NEGATIVES, method, "negatives",
+               f"unknown negatives {self.negatives!r}; valid: {', '.join(losses.CRD_NEGATIVES)}")
 
 
 class Embed(nn.Module):
@@ -341,14 +361,25 @@ class CRD(Method):
     teacher_outputs = frozenset({"pooled"})
     needs_indices = True
 
-    def __init__(self, student, teacher, options, num_train):
-        super().__init__(student, teacher, options, num_train)
+    def __init__(self, student, teacher, options, num_train, train_labels=None):
+        super().__init__(student, teacher, options, num_train, train_labels)
         _check(options.nce_k < num_train, self.name, "nce_k",
                f"must be smaller than the training set ({num_train} samples), got {options.nce_k}")
+        negatives = options.negatives
+        if negatives == "exact" and train_labels is None:
+            warnings.warn("crd: negatives='exact' draws other-class negatives and needs the training labels, but "
+                          "create_method(..., train_labels=...) was not given them: sampling negatives UNIFORMLY "
+                          "over the training set instead (the pre-release behaviour, negatives='uniform')",
+                          UserWarning, stacklevel=3)
+            negatives = "uniform"
+        if train_labels is not None and negatives == "exact":
+            _check(tuple(train_labels.shape) == (num_train,), self.name, "train_labels",
+                   f"must hold one label per training sample, shape ({num_train},), got {tuple(train_labels.shape)}")
         self.embed_student = Embed(student.pooled_dim, options.feat_dim)
         self.embed_teacher = Embed(teacher.pooled_dim, options.feat_dim)
         self.memory = losses.CRDMemory(options.feat_dim, num_train, nce_k=options.nce_k, nce_t=options.nce_t,
-                                       nce_m=options.nce_m)
+                                       nce_m=options.nce_m, negatives=negatives,
+                                       labels=train_labels if negatives == "exact" else None)
 
     def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
         o = self.options
@@ -500,8 +531,8 @@ class DCD(Method):
     Options = DCDOptions
     teacher_outputs = frozenset({"pooled"})
 
-    def __init__(self, student, teacher, options, num_train):
-        super().__init__(student, teacher, options, num_train)
+    def __init__(self, student, teacher, options, num_train, train_labels=None):
+        super().__init__(student, teacher, options, num_train, train_labels)
         self.head_student = nn.Linear(student.pooled_dim, options.embed_dim)
         self.head_teacher = nn.Linear(teacher.pooled_dim, options.embed_dim)
         self.log_inv_temperature = nn.Parameter(torch.tensor(float(options.init_log_inv_temperature)))

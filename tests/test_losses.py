@@ -764,7 +764,7 @@ def test_low_precision_dcd_and_crd():
     out = dcd_loss(e.bfloat16(), f.bfloat16(), th.bfloat16(), torch.tensor(0.0).bfloat16())
     assert out.total.dtype == torch.float32
     torch.testing.assert_close(out.total, dcd_loss(e, f, th, 0.0).total, rtol=3e-2, atol=3e-2)
-    mem = CRDMemory(8, 50, nce_k=4, generator=torch.Generator().manual_seed(0))
+    mem = CRDMemory(8, 50, nce_k=4, generator=torch.Generator().manual_seed(0), labels=torch.arange(50) % 5)
     os_, ot = mem(torch.nn.functional.normalize(e).bfloat16(), torch.nn.functional.normalize(f).bfloat16(),
                   torch.arange(6))
     assert os_.dtype == torch.float32 and ot.dtype == torch.float32
@@ -788,8 +788,10 @@ def test_float64_stays_float64():
 
 
 def _crd_setup(b=4, d=5, n=30, k=6, seed=0):
+    """A small memory (labels: n samples in 3 classes, so forward can draw its own 'exact' negatives)."""
     g = torch.Generator().manual_seed(seed)
-    mem = CRDMemory(d, n, nce_k=k, nce_t=0.2, nce_m=0.3, generator=torch.Generator().manual_seed(seed))
+    mem = CRDMemory(d, n, nce_k=k, nce_t=0.2, nce_m=0.3, generator=torch.Generator().manual_seed(seed),
+                    labels=torch.arange(n) % 3)
     xs = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
     xt = torch.nn.functional.normalize(torch.randn(b, d, generator=g), dim=1)
     idx = torch.randperm(n, generator=g)[:b]

@@ -51,7 +51,7 @@ def test_method_forward_backward(name, pair):
     teacher, student = _pair(*pair)
     cls = method_class(name)
     method = create_method(name, student, teacher if cls.needs_teacher else None, num_train=64,
-                           **SMALL_OPTIONS.get(name, {}))
+                           train_labels=torch.arange(64) % NUM_CLASSES, **SMALL_OPTIONS.get(name, {}))
     x = torch.randn(8, 3, 32, 32)
     labels = torch.arange(8) % NUM_CLASSES
     indices = torch.arange(8) * 3
@@ -75,7 +75,8 @@ def test_extra_modules_are_sized_from_the_models_and_reach_the_optimiser(name):
     teacher, student = _pair("wrn_16_2", "resnet8")
     data = load_dataset("digits").subset(8, 2)
     config = make_config("smoke", method=name, student="resnet8", teacher="wrn_16_2")
-    method = create_method(name, student, teacher, num_train=len(data.x_train), **config.method_options)
+    method = create_method(name, student, teacher, num_train=len(data.x_train), train_labels=data.y_train,
+                           **config.method_options)
     heads = [m for m in method.modules() if isinstance(m, torch.nn.Linear)]
     assert {h.in_features for h in heads} == {student.pooled_dim, teacher.pooled_dim} == {64, 128}
     setup = DeviceSetup.for_device("cpu")
@@ -232,6 +233,7 @@ def test_dcd_fixed_temperature_divides():
     ("dkd", {"beta": -2.0}, "beta"),
     ("dkd_ls", {"kd_weight": -9.0}, "kd_weight"),
     ("kd_ls", {"unbiased_std": "yes"}, "unbiased_std"),
+    ("crd", {"negatives": "random"}, "negatives"),
 ])
 def test_invalid_options_raise_clear_errors(name, options, message):
     teacher, student = _pair("resnet14", "resnet8")
