@@ -6,6 +6,7 @@ CPU only, batch size 2, no training; each model is built and run once per sessio
 from __future__ import annotations
 
 import functools
+import math
 
 import pytest
 import torch
@@ -198,8 +199,10 @@ def test_forward_contract(name):
 @pytest.mark.parametrize("name", ALL_MODELS)
 def test_pooled_is_what_the_classifier_reads(name):
     model, _, out = built(name)
-    assert isinstance(model.classifier, torch.nn.Linear)
-    assert model.classifier.in_features == model.pooled_dim
+    # a linear layer; MobileNetV2 wraps it in a one-element Sequential, as RepDistiller does (its keys)
+    linear = model.classifier[0] if name == "MobileNetV2" else model.classifier
+    assert isinstance(linear, torch.nn.Linear)
+    assert linear.in_features == model.pooled_dim
     with torch.no_grad():
         assert torch.allclose(model.classifier(out.pooled), out.logits, atol=1e-6)
 
@@ -287,11 +290,81 @@ def test_mobilenetv2_has_no_separate_preact():
         ("ShuffleV1", "layer3.3.bn3.weight"),
         ("ShuffleV2", "layer2.7.conv3.weight"),
         ("MobileNetV2", "blocks.6.0.conv.7.running_var"),
+        ("MobileNetV2", "classifier.0.weight"),
     ],
 )
 def test_state_dict_keys_follow_repdistiller(name, key):
     model, _, _ = built(name)
     assert key in model.state_dict()
+
+
+def _repdistiller_mobile_half_shapes(num_classes: int = 100) -> dict[str, tuple[int, ...]]:
+    """Every state-dict key of RepDistiller's / mdistiller's ``mobile_half`` (models/mobilenetv2.py:
+    expansion 6, width 0.5) with its shape, written from that definition: conv_bn stem, InvertedResidual
+    ``conv`` Sequentials (pw 0/1, dw 3/4, pw-linear 6/7), conv_1x1_bn head, ``classifier = Sequential(Linear)``."""
+    shapes: dict[str, tuple[int, ...]] = {}
+
+    def conv(key, out_c, in_c, k):
+        shapes[f"{key}.weight"] = (out_c, in_c, k, k)
+
+    def bn(key, c):
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            shapes[f"{key}.{name}"] = (c,)
+        shapes[f"{key}.num_batches_tracked"] = ()
+
+    conv("conv1.0", 16, 3, 3)
+    bn("conv1.1", 16)
+    inp = 16
+    for i, (t, c, n) in enumerate([(1, 16, 1), (6, 24, 2), (6, 32, 3), (6, 64, 4), (6, 96, 3), (6, 160, 3),
+                                   (6, 320, 1)]):
+        oup = c // 2
+        for j in range(n):
+            hidden, key = inp * t, f"blocks.{i}.{j}.conv"
+            conv(f"{key}.0", hidden, inp, 1)
+            bn(f"{key}.1", hidden)
+            conv(f"{key}.3", hidden, 1, 3)  # depthwise
+            bn(f"{key}.4", hidden)
+            conv(f"{key}.6", oup, hidden, 1)
+            bn(f"{key}.7", oup)
+            inp = oup
+    conv("conv2.0", 1280, inp, 1)
+    bn("conv2.1", 1280)
+    shapes["classifier.0.weight"] = (num_classes, 1280)
+    shapes["classifier.0.bias"] = (num_classes,)
+    return shapes
+
+
+def test_mobilenetv2_loads_a_repdistiller_state_dict_strictly():
+    shapes = _repdistiller_mobile_half_shapes()
+    g = torch.Generator().manual_seed(0)
+    theirs = {k: (torch.tensor(7) if k.endswith("num_batches_tracked") else torch.randn(s, generator=g) * 0.1)
+              for k, s in shapes.items()}
+    for k in theirs:
+        if k.endswith("running_var"):
+            theirs[k] = theirs[k].abs() + 0.5
+    model = create_model("MobileNetV2", num_classes=100).eval()
+    assert set(model.state_dict()) == set(shapes)
+    model.load_state_dict(theirs, strict=True)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, theirs[k]), k
+    # the parameter count is the pinned one, and the loaded classifier.0 is what maps pooled to logits
+    assert n_params(model) == EXACT_PARAMS_100["MobileNetV2"]
+    assert sum(math.prod(s) for k, s in shapes.items() if k.rsplit(".", 1)[1] in ("weight", "bias")) == n_params(model)
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, 32, 32, generator=g))
+    expected = out.pooled @ theirs["classifier.0.weight"].T + theirs["classifier.0.bias"]
+    assert torch.allclose(out.logits, expected, atol=1e-5)
+
+
+def test_mobilenetv2_still_loads_its_earlier_classifier_keys():
+    torch.manual_seed(1)
+    source = create_model("MobileNetV2", num_classes=10)
+    earlier = {k.replace("classifier.0.", "classifier."): v for k, v in source.state_dict().items()}
+    assert "classifier.weight" in earlier and "classifier.0.weight" not in earlier
+    model = create_model("MobileNetV2", num_classes=10)
+    model.load_state_dict(earlier, strict=True)
+    assert torch.equal(model.classifier[0].weight, source.classifier[0].weight)
+    assert torch.equal(model.classifier[0].bias, source.classifier[0].bias)
 
 
 @pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "ShuffleV2", "MobileNetV2", "vgg8"])

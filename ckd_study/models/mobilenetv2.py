@@ -1,9 +1,12 @@
 """MobileNetV2 for CIFAR as in RepDistiller's ``models/mobilenetv2.py`` (``mobile_half``: expansion T=6,
 width multiplier 0.5, stride-2 stem, last 1x1 conv to 1280 channels, 2x2 average pool).
 
-Registered as ``MobileNetV2``. Module names (``conv1``, ``blocks.i.j.conv.k``, ``conv2``) follow RepDistiller;
-the classifier is a plain ``nn.Linear`` named ``classifier`` (RepDistiller wraps it in a one-element
-``nn.Sequential``, i.e. its key is ``classifier.0.*``).
+Registered as ``MobileNetV2``. Module names (``conv1``, ``blocks.i.j.conv.k``, ``conv2``, ``classifier.0``)
+follow RepDistiller's and mdistiller's ``models/.../mobilenetv2.py``, so their checkpoints load with
+``load_state_dict(strict=True)``: as there, the classifier is an ``nn.Linear`` wrapped in a one-element
+``nn.Sequential`` (``model.classifier[0]`` is the linear layer; its keys are ``classifier.0.weight/bias``).
+State dicts saved before this module matched those keys (``classifier.weight/bias``) still load: a
+load-state-dict pre-hook renames them.
 
 Features (RepDistiller's ``is_feat`` list; the blocks end in a linear bottleneck, so there is no
 pre-activation variant and ``preact_feats`` is ``feats``):
@@ -54,6 +57,15 @@ class InvertedResidual(nn.Module):
         return x + out if self.use_res_connect else out
 
 
+def _rename_legacy_classifier_keys(module, state_dict, prefix, *args) -> None:
+    """Load-state-dict pre-hook: ``classifier.weight/bias`` (this study's keys before they followed
+    RepDistiller) become ``classifier.0.weight/bias``."""
+    for name in ("weight", "bias"):
+        old = f"{prefix}classifier.{name}"
+        if old in state_dict:
+            state_dict[f"{prefix}classifier.0.{name}"] = state_dict.pop(old)
+
+
 class MobileNetV2(ZooModel):
     def __init__(self, T: int = 6, num_classes: int = 100, width_mult: float = 0.5, input_size: int = 32) -> None:  # noqa: N803
         super().__init__()
@@ -85,7 +97,8 @@ class MobileNetV2(ZooModel):
         self.last_channel = int(1280 * width_mult) if width_mult > 1.0 else 1280
         self.conv2 = _conv_bn_relu(input_channel, self.last_channel, 1, 1)
         self.avgpool = nn.AvgPool2d(input_size // 16, ceil_mode=True)
-        self.classifier = nn.Linear(self.last_channel, num_classes)
+        self.classifier = nn.Sequential(nn.Linear(self.last_channel, num_classes))
+        self.register_load_state_dict_pre_hook(_rename_legacy_classifier_keys)
 
         self.stage_channels = (stem_channels, block_out[1], block_out[2], block_out[4], block_out[6])
         self.pooled_dim = self.last_channel
