@@ -46,6 +46,7 @@ from ckd_study.methods import method_class  # noqa: E402
 from ckd_study.runs import (RunStore, atomic_write_json, cpu_name, environment_record,  # noqa: E402
                             read_json, run)
 from ckd_study.teacher_cache import CACHEABLE  # noqa: E402
+from ckd_study.train import DeviceSetup  # noqa: E402
 
 SUMMARY_KEYS = ("run_id", "train_time_s", "wall_time_s", "images_per_s", "last_top1", "final_sha256",
                 "teacher_sha256", "teacher_source", "teacher_cache_hits", "teacher_cache_misses")
@@ -136,7 +137,7 @@ def main(argv=None) -> int:
         "controlled": measured,
         "controlled_checkpoint_equals_stored_run": same_as_stored,
         "controlled_teacher_equals_stored_run_teacher": same_teacher,
-        "versions": environment_record(torch.device("cpu"))["versions"],
+        "versions": environment_record(DeviceSetup.for_device("cpu"))["versions"],
         "stored_run_versions": stored_versions,
         "speedup_warm_vs_live": t["live"] / t["warm"],
         "speedup_cold_vs_live": t["live"] / t["cold"],

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import SCHEDULES, ConfigError, RunConfig, available_presets, make_config
+from .config import PRECISIONS, SCHEDULES, ConfigError, RunConfig, available_presets, make_config
 from .data import available_datasets
 from .methods import MethodError, available_methods, build_options, method_class
 from .models import available_models, create_model
@@ -91,6 +91,12 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--eval-every", type=int)
     train.add_argument("--deterministic", action="store_true", default=None)
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
+    train.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="network compute precision (default auto: bf16 on CUDA and on CPUs with native bf16, "
+                            "else fp32; losses are float32 either way); part of the run id")
+    train.add_argument("--drop-last", action="store_true", default=None,
+                       help="drop the last partial batch of each epoch (DCD's release; default: keep it, as the "
+                            "released KD trainers do)")
     train.add_argument("--no-teacher-cache", dest="teacher_cache", action="store_false", default=None)
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     train.add_argument("--data-dir", help="dataset root (default: $CKD_DATA_DIR or data/)")
@@ -101,7 +107,7 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
 
 _FLAG_FIELDS = ("dataset", "student", "epochs", "batch_size", "lr", "schedule", "milestones", "weight_decay",
                 "seed", "train_per_class", "test_per_class", "eval_every", "deterministic", "compile",
-                "teacher_cache")
+                "teacher_cache", "precision", "drop_last")
 
 
 def config_from_args(args: argparse.Namespace, store) -> RunConfig:
@@ -120,7 +126,7 @@ def config_from_args(args: argparse.Namespace, store) -> RunConfig:
         merged = {**base.method_options, **options} if overrides.get("method", base.method) == base.method else options
         from .config import resolve
 
-        return resolve(base.replace(method_options=merged, **overrides))
+        return resolve(base.replace(method_options=merged, **overrides), args.device)
     method = args.method or "ce"
     teacher: Any = args.teacher
     if args.teacher_run:
@@ -132,7 +138,7 @@ def config_from_args(args: argparse.Namespace, store) -> RunConfig:
     if teacher_overrides and not isinstance(teacher, (str, type(None))):
         raise ConfigError("--teacher-epochs applies to a teacher trained from the preset, not to --teacher-run")
     return make_config(args.preset or "paper", method=method, teacher=teacher, method_options=options,
-                       teacher_overrides=teacher_overrides, **overrides)
+                       teacher_overrides=teacher_overrides, device=args.device, **overrides)
 
 
 def cmd_train(args, store) -> int:
@@ -175,14 +181,14 @@ def cmd_list(args, store) -> int:
     if not ids:
         print(f"no runs in {store.root / 'runs'}")
         return 0
-    print(f"{'run id':<58} {'status':<11} {'preset':<6} {'epochs':>6} {'last top1':>9} {'best top1':>9}")
+    print(f"{'run id':<58} {'status':<11} {'preset':<6} {'prec':<4} {'epochs':>6} {'last top1':>9} {'best top1':>9}")
     for run_id in ids:
         try:
             cfg = store.config(run_id)
             summary = store.summary(run_id) or {}
             last = summary.get("last_top1")
             best = summary.get("best_top1")
-            print(f"{run_id:<58} {store.status(run_id):<11} {cfg.preset:<6} {cfg.epochs:>6} "
+            print(f"{run_id:<58} {store.status(run_id):<11} {cfg.preset:<6} {cfg.precision:<4} {cfg.epochs:>6} "
                   f"{'' if last is None else f'{last:.2f}':>9} {'' if best is None else f'{best:.2f}':>9}")
         except Exception as exc:  # one broken run must not hide the others
             print(f"{run_id:<58} unreadable ({exc})")
@@ -191,7 +197,7 @@ def cmd_list(args, store) -> int:
 
 def cmd_show(args, store) -> int:
     cfg = store.config(args.run_id)
-    print(f"run {args.run_id} ({store.status(args.run_id)}) in {store.run_dir(args.run_id)}")
+    print(f"run {args.run_id} ({store.status(args.run_id)}, precision {cfg.precision}) in {store.run_dir(args.run_id)}")
     print("config:", json.dumps(cfg.to_dict(), indent=2))
     summary = store.summary(args.run_id)
     if summary:

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 SCHEDULES = ("step", "cosine")
+# "auto" is resolved when a config is built (resolve_precision), so stored configs and run ids hold bf16 or fp32.
+PRECISIONS = ("auto", "bf16", "fp32")
 
 # Students trained with lr 0.01 in the benchmark recipe (methods.md §0).
 LOW_LR_STUDENTS = frozenset({"MobileNetV2", "ShuffleV1", "ShuffleV2"})
@@ -76,6 +78,12 @@ class RunConfig:
     teacher_cache: bool = True  # exact teacher-output cache where the method allows it (see teacher_cache.py)
     deterministic: bool = False
     compile: bool = False
+    # Networks' compute precision: bf16 autocast (+ channels_last) or float32; losses are float32 either way.
+    precision: str = "auto"
+    # Keep the last partial batch of an epoch, as the released KD trainers do (RepDistiller, mdistiller, CKD:
+    # DataLoader(drop_last=False)); True follows DCD's release. A last batch of a single image is always
+    # dropped: BatchNorm cannot train on one sample.
+    drop_last: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -116,6 +124,10 @@ class RunConfig:
         need(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
              "milestones", f"must be increasing positive epochs, got {self.milestones!r}")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        need(self.precision in PRECISIONS, "precision",
+             f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+        for name in ("teacher_cache", "deterministic", "compile", "drop_last"):
+            need(isinstance(getattr(self, name), bool), name, f"must be true or false, got {getattr(self, name)!r}")
         needs_teacher = method_class(self.method).needs_teacher
         need(not needs_teacher or self.teacher is not None, "teacher",
              f"method {self.method!r} distils from a teacher: give a teacher config (or --teacher/--teacher-run)")
@@ -234,8 +246,9 @@ def preset_defaults(preset: str) -> dict[str, Any]:
     return dict(PRESETS[preset])
 
 
-def teacher_config(preset: str = "paper", teacher: str | None = None, seed: int = 0, **overrides: Any) -> RunConfig:
-    """The config of a teacher run (method ``ce``) under a preset."""
+def teacher_config(preset: str = "paper", teacher: str | None = None, seed: int = 0, *, device: str | None = None,
+                   **overrides: Any) -> RunConfig:
+    """The config of a teacher run (method ``ce``) under a preset (``device``: see :func:`resolve_precision`)."""
     p = preset_defaults(preset)
     fields = {k: v for k, v in p.items() if k not in _PRESET_ONLY_KEYS}
     fields["student"] = teacher or p["teacher_student"]
@@ -243,17 +256,19 @@ def teacher_config(preset: str = "paper", teacher: str | None = None, seed: int 
     fields["milestones"] = p.get("teacher_milestones", fields.get("milestones"))
     fields.update(method="ce", method_options={}, teacher=None, preset=preset, seed=seed)
     fields.update(overrides)
-    return resolve(RunConfig(**fields))
+    return resolve(RunConfig(**fields), device)
 
 
 def make_config(preset: str = "paper", *, method: str = "ce", teacher: "str | RunConfig | None" = None,
                 method_options: Mapping[str, Any] | None = None,
-                teacher_overrides: Mapping[str, Any] | None = None, **overrides: Any) -> RunConfig:
+                teacher_overrides: Mapping[str, Any] | None = None, device: str | None = None,
+                **overrides: Any) -> RunConfig:
     """Build a resolved, validated config from a preset plus overrides.
 
     ``teacher`` is a model name (its run is the preset's teacher recipe, seed 0), a teacher ``RunConfig``,
     or None, in which case methods that need a teacher get the preset's default teacher.
-    ``teacher_overrides`` change fields of that teacher recipe (e.g. ``{"epochs": 1}``).
+    ``teacher_overrides`` change fields of that teacher recipe (e.g. ``{"epochs": 1}``). ``device`` is where
+    the runs will train; it only matters for resolving ``precision="auto"`` (:func:`resolve_precision`).
     """
     from .methods import method_class
 
@@ -265,14 +280,14 @@ def make_config(preset: str = "paper", *, method: str = "ce", teacher: "str | Ru
     needs_teacher = method_class(method).needs_teacher if method in _method_names() else False
     if needs_teacher and not isinstance(teacher, RunConfig):
         shared = {k: fields[k] for k in ("dataset", "train_per_class", "test_per_class") if k in fields}
-        teacher = teacher_config(preset, teacher, **{**shared, **(teacher_overrides or {})})
+        teacher = teacher_config(preset, teacher, device=device, **{**shared, **(teacher_overrides or {})})
     fields["teacher"] = teacher if needs_teacher else None
     options = dict(p.get("method_options", {}).get(method, {}))
     if isinstance(fields["teacher"], RunConfig):
         options.update(PAIR_METHOD_DEFAULTS.get((fields["teacher"].student, student), {}).get(method, {}))
     options.update(method_options or {})
     fields["method_options"] = options
-    return resolve(RunConfig(**fields))
+    return resolve(RunConfig(**fields), device)
 
 
 def _method_names() -> list[str]:
@@ -281,10 +296,56 @@ def _method_names() -> list[str]:
     return available_methods()
 
 
-def resolve(config: RunConfig) -> RunConfig:
-    """Fill every method option with its default (validated by the method's option dataclass)."""
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (oneDNN then runs bf16 convolutions about 2x faster than fp32).
+
+    Asked of torch's own CPU feature probe (``torch._C._cpu._is_avx512_bf16_supported``: the x86 AVX512-BF16 or
+    AMX-BF16 instructions); where torch lacks the probe, the ``avx512_bf16``/``amx_bf16`` flags of
+    /proc/cpuinfo (Linux x86) or ``bf16`` among the Arm features. ``CKD_CPU_BF16=0``/``1`` overrides it.
+    """
+    import os
+
+    forced = os.environ.get("CKD_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    import torch
+
+    probes = [getattr(torch._C._cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is not None for probe in probes):
+        return any(bool(probe()) for probe in probes if probe is not None)
+    try:
+        with open("/proc/cpuinfo") as fh:
+            words = set(fh.read().split())
+    except OSError:
+        return False
+    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def resolve_precision(precision: str, device: "str | None" = None) -> str:
+    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (:func:`cpu_has_native_bf16`), else ``fp32``.
+
+    ``device`` is where the run will train (None: CUDA when available, else the CPU); explicit ``bf16`` and
+    ``fp32`` are kept as given (bf16 on a CPU without native support is emulated: correct but slow).
+    """
+    if precision != "auto":
+        if precision not in PRECISIONS:
+            raise ConfigError(f"config field 'precision': unknown precision {precision!r}; "
+                              f"valid: {', '.join(PRECISIONS)}")
+        return precision
+    import torch
+
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if kind == "cuda":
+        return "bf16"
+    return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "fp32"
+
+
+def resolve(config: RunConfig, device: "str | None" = None) -> RunConfig:
+    """Fill every method option with its default (validated by the method's option dataclass) and resolve
+    ``precision="auto"`` for ``device`` (see :func:`resolve_precision`), so the run id names what runs."""
     from .methods import resolve_options
 
     options = resolve_options(config.method, config.method_options)
-    teacher = resolve(config.teacher) if config.teacher is not None else None
-    return config.replace(method_options=options, teacher=teacher)
+    teacher = resolve(config.teacher, device) if config.teacher is not None else None
+    return config.replace(method_options=options, teacher=teacher,
+                          precision=resolve_precision(config.precision, device))

@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, cpu_has_native_bf16
 from .data import NUM_VIEWS, ImageDataset, load_dataset
 from .methods import create_method, method_class
 from .models import ZooModel, create_model
@@ -45,6 +45,14 @@ class RunError(RuntimeError):
 
 class RunInProgressError(RunError):
     """Another live process holds the run's lock."""
+
+
+class RunPaused(Exception):
+    """``run(..., stop_at=...)`` stopped cleanly before the deadline; the run resumes from ``epoch``."""
+
+    def __init__(self, run_id: str, epoch: int, epochs: int) -> None:
+        super().__init__(f"run {run_id} paused after epoch {epoch}/{epochs}; rerun to resume")
+        self.run_id, self.epoch, self.epochs = run_id, epoch, epochs
 
 
 def default_results_dir() -> Path:
@@ -153,6 +161,57 @@ class RunStore:
             return "running"
         return "interrupted" if (d / "checkpoints" / "latest.pt").exists() else "new"
 
+    # -- in-flight checkpoints that travel with the repo (a campaign spans machines) ------------------------
+    INFLIGHT_PART_BYTES = 3 << 20  # parts well under the repo's 5 MiB per file
+
+    def inflight_dir(self, run_id: str) -> Path:
+        return self.run_dir(run_id) / "inflight"
+
+    def export_inflight(self, run_id: str) -> list[Path]:
+        """Copy ``checkpoints/latest.pt`` of an unfinished run into ``inflight/`` as parts of at most 3 MiB
+        plus a manifest (sha256 of the whole), files small enough to commit; returns the files written."""
+        latest = self.run_dir(run_id) / "checkpoints" / "latest.pt"
+        data = latest.read_bytes()
+        folder = self.inflight_dir(run_id)
+        for old in folder.glob("latest.pt.part*"):
+            old.unlink()
+        step = self.INFLIGHT_PART_BYTES
+        parts = []
+        for n, start in enumerate(range(0, len(data), step)):
+            parts.append(folder / f"latest.pt.part{n:02d}")
+            atomic_write_bytes(parts[-1], data[start:start + step])
+        manifest = folder / "manifest.json"
+        atomic_write_json(manifest, {"file": "checkpoints/latest.pt", "sha256": hashlib.sha256(data).hexdigest(),
+                                     "bytes": len(data), "parts": [p.name for p in parts],
+                                     "epoch": load_checkpoint(latest)["state"]["epoch"]})
+        return [manifest, *parts]
+
+    def restore_inflight(self, run_id: str) -> bool:
+        """Rebuild ``checkpoints/latest.pt`` from ``inflight/`` when it is missing or older than the exported
+        one (a fresh clone, another machine); the parts' sha256 must match the manifest. Returns True if
+        it restored."""
+        manifest_path = self.inflight_dir(run_id) / "manifest.json"
+        if not manifest_path.exists():
+            return False
+        manifest = read_json(manifest_path)
+        latest = self.run_dir(run_id) / "checkpoints" / "latest.pt"
+        if latest.exists() and load_checkpoint(latest)["state"]["epoch"] >= manifest["epoch"]:
+            return False
+        data = b"".join((self.inflight_dir(run_id) / name).read_bytes() for name in manifest["parts"])
+        if hashlib.sha256(data).hexdigest() != manifest["sha256"]:
+            raise RunError(f"the in-flight checkpoint parts in {self.inflight_dir(run_id)} do not match their "
+                           f"manifest (sha256); restore them from git (`git checkout -- {self.inflight_dir(run_id)}`)"
+                           f" or remove that folder to restart the run from its local checkpoint or from scratch")
+        atomic_write_bytes(latest, data)
+        return True
+
+    def remove_inflight(self, run_id: str) -> None:
+        folder = self.inflight_dir(run_id)
+        if folder.exists():
+            for path in folder.iterdir():
+                path.unlink()
+            folder.rmdir()
+
     def load_model(self, run_id: str, device: str | torch.device = "cpu") -> ZooModel:
         """The final weights of a finished run, verified against the sha256 in its summary, in eval mode."""
         summary = self.summary(run_id)
@@ -242,7 +301,9 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
-def environment_record(device: torch.device) -> dict:
+def environment_record(setup) -> dict:
+    """Where and with what a run trains: git state, versions, device, precision (a ``train.DeviceSetup``)."""
+    device = setup.device
     def git(*args: str) -> str | None:
         try:
             return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
@@ -267,6 +328,10 @@ def environment_record(device: torch.device) -> dict:
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
         "versions": versions,
         "device": str(device),
+        "precision": setup.precision,
+        "autocast_dtype": None if setup.autocast_dtype is None else str(setup.autocast_dtype),
+        "channels_last": setup.channels_last,
+        "cpu_native_bf16": cpu_has_native_bf16(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
@@ -295,11 +360,13 @@ def dataset_for(config: RunConfig, device: torch.device, data_root: str | Path |
 
 def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch.device | None = None,
         quiet: bool = False, wait: bool = False, data_root: str | Path | None = None,
-        step_hook=None) -> dict:
+        step_hook=None, stop_at: float | None = None, on_epoch=None) -> dict:
     """Train ``config`` (resuming if interrupted) unless it already finished; return its summary.
 
     ``wait=True`` waits for another process that holds the run's lock instead of raising
-    :class:`RunInProgressError`.
+    :class:`RunInProgressError`. ``stop_at`` (a ``time.time()`` deadline) stops the run cleanly, after a saved
+    epoch, when the next epoch would not end before it (estimated from the last epoch), raising
+    :class:`RunPaused`; ``on_epoch(config, record)`` is called after every saved epoch (progress reports).
     """
     from .train import DeviceSetup, LiveTeacher, Trainer
 
@@ -313,7 +380,7 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
     teacher_summary = None
     if config.teacher is not None:
         teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait,
-                              data_root=data_root)
+                              data_root=data_root, stop_at=stop_at, on_epoch=on_epoch)
 
     with run_lock(run_dir, wait=wait):
         finished = store.summary(run_id)  # another process may have finished it while we waited
@@ -321,19 +388,20 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             return finished
         _check_or_write_config(run_dir, config)
 
-        setup = DeviceSetup.for_device(device)
+        setup = DeviceSetup.for_device(device, config.precision)
         data = dataset_for(config, setup.device, data_root)
         torch.manual_seed(config.seed)
         student = create_model(config.student, data.num_classes)
         teacher_model = _frozen_teacher(config, store, data, setup) if config.teacher is not None else None
         method = create_method(config.method, student, teacher_model, num_train=len(data.x_train),
-                               **config.method_options)
+                               train_labels=data.y_train, **config.method_options)
         teacher_source = None
         if teacher_model is not None:
             teacher_source = _teacher_source(config, teacher_model, teacher_summary, data, setup, store)
         trainer = Trainer(config, data, student, method, teacher_source, setup, quiet=quiet, step_hook=step_hook)
 
         latest = run_dir / "checkpoints" / "latest.pt"
+        store.restore_inflight(run_id)
         wall_before = 0.0  # wall time of the epochs done before an interruption
         if latest.exists():
             ckpt = load_checkpoint(latest)
@@ -348,7 +416,7 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             trainer.load_state_dict(ckpt)
         # Metric lines past the checkpoint come from an epoch that was killed before it was saved.
         _write_metrics(run_dir, trainer.state.history)
-        atomic_write_json(run_dir / "environment.json", environment_record(setup.device))
+        atomic_write_json(run_dir / "environment.json", environment_record(setup))
 
         teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
         started = time.perf_counter()
@@ -358,10 +426,21 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             ckpt = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "teacher_sha256": teacher_sha,
                     "wall_time_s": wall_before + time.perf_counter() - started, **tr.state_dict()}
             atomic_torch_save(ckpt, latest)
+            if on_epoch is not None:
+                on_epoch(config, record)
 
-        state = trainer.fit(on_epoch_end=save)
+        def keep_going(tr: Trainer, epoch: int) -> bool:
+            if stop_at is None or not tr.state.history:
+                return True
+            last = tr.state.history[-1]
+            needed = 1.1 * (last["epoch_time_s"] + last.get("eval_time_s", 0.0)) + 5.0
+            return time.time() + needed <= stop_at
+
+        state = trainer.fit(on_epoch_end=save, keep_going=keep_going)
         if hasattr(teacher_source, "save"):  # keep the teacher outputs this run computed for later runs
             teacher_source.save()
+        if state.epoch < config.epochs:
+            raise RunPaused(run_id, state.epoch, config.epochs)
         final = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model_name": config.student,
                  "num_classes": data.num_classes, "model": student.state_dict()}
         final_sha = atomic_torch_save(final, run_dir / "checkpoints" / "final.pt")
@@ -394,8 +473,10 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             "final_sha256": final_sha,
             "finished_at": utc_now(),
             "device": str(setup.device),
+            "precision": setup.precision,
         }
         atomic_write_json(run_dir / "summary.json", summary)
+        store.remove_inflight(run_id)  # a finished run keeps its records, not its in-flight checkpoint
         return summary
 
 
@@ -439,7 +520,7 @@ def precompute_teacher_cache(config: RunConfig, *, store: RunStore | None = None
         raise ValueError(f"save_every must be >= 1, got {save_every!r}")
     store = store or RunStore()
     teacher_summary = run(teacher_config, store=store, device=device, quiet=quiet, wait=wait, data_root=data_root)
-    setup = DeviceSetup.for_device(device)
+    setup = DeviceSetup.for_device(device, config.precision)  # the precision the student runs will read
     data = dataset_for(config, setup.device, data_root)
     live = LiveTeacher(_frozen_teacher(config, store, data, setup), setup)
     source = cached_teacher_source(live, CACHEABLE, teacher_summary, data, setup, store)
@@ -515,7 +596,8 @@ def load_results(store: RunStore | str | Path | None = None, *, epochs: bool = F
         row = {"run_id": run_id, "status": store.status(run_id), "method": config.method,
                "student": config.student, "teacher": config.teacher.student if config.teacher else None,
                "dataset": config.dataset, "preset": config.preset, "seed": config.seed, "epochs": config.epochs,
-               "batch_size": config.batch_size, "lr": config.base_lr, "schedule": config.schedule}
+               "batch_size": config.batch_size, "lr": config.base_lr, "schedule": config.schedule,
+               "precision": config.precision}
         row.update({f"option.{k}": (tuple(v) if isinstance(v, list) else v)
                     for k, v in config.method_options.items()})
         row.update({k: v for k, v in (summary or {}).items() if k not in row})

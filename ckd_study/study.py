@@ -44,8 +44,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import analysis
-from .config import LOW_LR_STUDENTS, PRESETS, RunConfig, available_presets, make_config
-from .runs import REPO_ROOT, RunStore, atomic_write_json, read_json
+from .campaign import CAMPAIGN_METHODS
+from .config import LOW_LR_STUDENTS, PRECISIONS, PRESETS, ConfigError, RunConfig, available_presets, make_config
+from .methods import MethodError
+from .runs import REPO_ROOT, RunError, RunStore, atomic_write_json, read_json
 
 NOTEBOOK_DIR = REPO_ROOT / "notebooks"
 NOTEBOOKS = ("01_teachers", "02_main_table", "03_ablation_batch_size", "04_ablation_temperature",
@@ -1153,6 +1155,25 @@ def notebook_parameters(path: str | Path) -> list[str]:
     return []
 
 
+def _campaign_command(args: argparse.Namespace) -> int:
+    from .campaign import Campaign, CampaignError, format_status, parse_pair, run_campaign
+
+    store = _store(args.results_dir)
+    methods = tuple(args.methods.split(",")) if args.methods else CAMPAIGN_METHODS
+    try:
+        pair = parse_pair(args.pair) if args.pair else None
+        campaign = Campaign.open(store, args.preset, pair, methods, args.seed, args.precision, args.device)
+        if args.status:
+            print(f"campaign {campaign.name} ({campaign.folder})")
+            print(format_status(campaign.status_rows(store)))
+            return 0
+        result = run_campaign(campaign, store, minutes=args.minutes, device=args.device, data_root=args.data_dir)
+    except (CampaignError, ConfigError, MethodError, RunError) as exc:
+        print(f"campaign: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result["finished"] or result["paused"] else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ckd_study.study",
                                      description="Run the study's notebooks, rebuild its tables and figures.")
@@ -1177,7 +1198,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     pl.add_argument("--results-dir", default=None)
     st = sub.add_parser("strip", help="remove outputs and execution counts from notebooks")
     st.add_argument("notebooks", nargs="+", type=Path)
+    cam = sub.add_parser("campaign", help="train a teacher and its students one after another in a time box; "
+                                          "rerun to continue (see ckd_study/campaign.py)")
+    cam.add_argument("--preset", choices=available_presets(), required=True)
+    cam.add_argument("--pair", default=None, metavar="TEACHER-STUDENT",
+                     help="e.g. resnet56-resnet20 (default: the preset's pair)")
+    cam.add_argument("--minutes", type=float, default=150.0, help="time box; stops after a saved epoch (default 150)")
+    cam.add_argument("--methods", default=None,
+                     help=f"comma-separated students in order (default: {','.join(CAMPAIGN_METHODS)})")
+    cam.add_argument("--seed", type=int, default=0)
+    cam.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="of every run, when the campaign is first planned (default auto)")
+    cam.add_argument("--device", default=None)
+    cam.add_argument("--data-dir", default=None)
+    cam.add_argument("--results-dir", default=None)
+    cam.add_argument("--status", action="store_true", help="print where the campaign stands and exit")
     args = parser.parse_args(argv)
+
+    if args.command == "campaign":
+        return _campaign_command(args)
 
     if args.command == "strip":
         for path in args.notebooks:

@@ -4,8 +4,10 @@ The loop knows nothing about methods: a method maps the batch's student (and tea
 already-weighted loss terms; the loop sums them, checks they are finite, back-propagates, and logs every term.
 
 Recipe (methods.md §0): SGD with momentum and weight decay, a step schedule (×``lr_decay`` after each milestone)
-or cosine, the teacher frozen in eval mode. On CUDA the networks run under bf16 autocast in channels_last
-memory format (optionally ``torch.compile``d); losses are always computed in float32.
+or cosine, the teacher frozen in eval mode. A run's ``precision`` (``config.resolve_precision``: bf16 on CUDA and
+on CPUs with native bf16, else fp32) sets how the networks run: bf16 autocast in channels_last memory format, or
+float32 (channels_last on CUDA only); the student is optionally ``torch.compile``d. Losses are always computed in
+float32.
 """
 
 from __future__ import annotations
@@ -41,18 +43,26 @@ def lr_at(config: RunConfig, epoch: int) -> float:
 
 @dataclass(frozen=True)
 class DeviceSetup:
-    """How networks run on a device: autocast dtype and memory format (CUDA: bf16 + channels_last)."""
+    """How networks run on a device: the resolved precision, its autocast dtype and the memory format.
+
+    bf16: autocast to bfloat16 and channels_last (oneDNN's and cuDNN's fast layout for bf16 convolutions);
+    fp32: no autocast, channels_last on CUDA only (on CPU, fp32 channels_last was not faster).
+    """
 
     device: torch.device
     autocast_dtype: torch.dtype | None
     channels_last: bool
+    precision: str = "fp32"
 
     @classmethod
-    def for_device(cls, device: str | torch.device | None = None) -> "DeviceSetup":
+    def for_device(cls, device: str | torch.device | None = None, precision: str = "auto") -> "DeviceSetup":
+        from .config import resolve_precision
+
         dev = torch.device(device) if device is not None else default_device()
-        if dev.type == "cuda":
-            return cls(dev, torch.bfloat16, True)
-        return cls(dev, None, False)
+        precision = resolve_precision(precision, str(dev))
+        if precision == "bf16":
+            return cls(dev, torch.bfloat16, True, precision)
+        return cls(dev, None, dev.type == "cuda", precision)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:
@@ -65,6 +75,15 @@ class DeviceSetup:
 
     def prepare_images(self, images: torch.Tensor) -> torch.Tensor:
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+def train_batches(config: RunConfig, data: ImageDataset) -> BatchIterator:
+    """The shuffled, augmented training batches of a run, seeded by (seed, epoch). The last partial batch is
+    kept unless ``config.drop_last`` (released KD trainers keep it); a last batch of a single image is always
+    dropped, since BatchNorm cannot train on one sample."""
+    drop_last = config.drop_last or len(data.x_train) % config.batch_size == 1
+    return BatchIterator(data.x_train, data.y_train, config.batch_size, shuffle=True, drop_last=drop_last,
+                         augment=True, mean=data.mean, std=data.std, seed=config.seed)
 
 
 def default_device() -> torch.device:
@@ -103,7 +122,7 @@ def predict(model: nn.Module, x_uint8: torch.Tensor, mean, std, *, batch_size: i
 
     ``keep`` names the ModelOutput fields to return (``logits``, ``pooled``).
     """
-    setup = setup or DeviceSetup.for_device(next(model.parameters()).device)
+    setup = setup or DeviceSetup.for_device(next(model.parameters()).device)  # precision: auto for the device
     was_training = model.training
     model.eval()
     out: dict[str, list[torch.Tensor]] = {k: [] for k in keep}
@@ -173,9 +192,7 @@ class Trainer:
         params = list(self.student.parameters()) + list(self.method.parameters())
         self.optimizer = torch.optim.SGD(params, lr=config.base_lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay)
-        self.train_batches = BatchIterator(data.x_train, data.y_train, config.batch_size, shuffle=True,
-                                           drop_last=True, augment=True, mean=data.mean, std=data.std,
-                                           seed=config.seed)
+        self.train_batches = train_batches(config, data)
         if len(self.train_batches) == 0:
             raise ValueError(f"batch_size {config.batch_size} is larger than the training set "
                              f"({len(data.x_train)} images): lower --batch-size")
@@ -204,10 +221,15 @@ class Trainer:
         self.state = TrainState(**ckpt["state"])
 
     # -- the loop -----------------------------------------------------------------------------------
-    def fit(self, on_epoch_end: Callable[["Trainer", dict], None] | None = None) -> TrainState:
+    def fit(self, on_epoch_end: Callable[["Trainer", dict], None] | None = None,
+            keep_going: Callable[["Trainer", int], bool] | None = None) -> TrainState:
+        """Train the remaining epochs. ``keep_going(trainer, epoch)`` is asked before each epoch; when it says
+        False, fit returns early with ``state.epoch`` < ``config.epochs`` (a time-boxed campaign stops so)."""
         cfg = self.config
         with deterministic_mode(cfg.deterministic):
             for epoch in range(self.state.epoch + 1, cfg.epochs + 1):
+                if keep_going is not None and not keep_going(self, epoch):
+                    break
                 record = self.train_epoch(epoch)
                 if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
                     t0 = time.perf_counter()

@@ -157,7 +157,7 @@ def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
     first = run(config, store=cold, quiet=True)
     teacher_summary = cold.summary(config.teacher.run_id)
     data = load_dataset("digits").subset(config.train_per_class, config.test_per_class, seed=0)
-    path = cache_path(cold.root, teacher_summary["final_sha256"], data)
+    path = cache_path(cold.root, teacher_summary["final_sha256"], data, config.precision)
     assert path.exists(), "the run stored the teacher outputs it computed"
 
     warm = RunStore(tmp_path / "warm")
@@ -206,7 +206,7 @@ def test_precompute_fills_every_view_and_later_runs_only_read_it(tmp_path):
     keys, values = _stored_table(result["cache_path"])
     assert torch.equal(keys, torch.arange(result["image_views"]))
     # Bit for bit the values the lazy run computed for the views it met.
-    lazy_keys, lazy_values = _stored_table(cache_path(lazy.root, reference["teacher_sha256"], data))
+    lazy_keys, lazy_values = _stored_table(cache_path(lazy.root, reference["teacher_sha256"], data, config.precision))
     assert 0 < len(lazy_keys) < len(keys)
     for name in ("logits", "pooled"):
         assert torch.equal(values[name][lazy_keys], lazy_values[name])

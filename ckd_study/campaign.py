@@ -1,0 +1,216 @@
+"""Time-boxed, resumable training campaigns: a fixed list of long runs trained one after another.
+
+A campaign is a teacher and its students under one preset (``plan_campaign``), e.g. the paper recipe's
+resnet56 → resnet20 row. ``run_campaign(..., minutes=150)`` trains the next unfinished runs of the list, stops
+cleanly after a saved epoch before its time is up, and continues from there when started again, on this machine
+or on another one:
+
+- the list is frozen when the campaign first starts (``<results>/campaigns/<name>/plan.json``: the resolved
+  configs, so a later start on a machine whose ``precision="auto"`` resolves differently continues the same runs);
+- a paused run's latest checkpoint is exported under ``<run>/inflight/`` in parts small enough to commit
+  (``RunStore.export_inflight``); ``runs.run`` restores it on a fresh clone and removes it when the run finishes;
+- one campaign process at a time (a lock in the campaign folder); every line it prints is also appended to
+  ``<results>/campaigns/<name>/campaign.log``, so it can run in the background (``nohup ... &``).
+
+CLI: ``python -m ckd_study.study campaign --preset paper --pair resnet56-resnet20 --minutes 150``
+(``--status`` prints where it stands without training).
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+from .config import PRESETS, ConfigError, RunConfig, make_config, teacher_config
+from .runs import RunInProgressError, RunPaused, RunStore, atomic_write_json, read_json, run, run_lock, utc_now
+
+# The students of a campaign, in the order they train (after the teacher); "ce" is the student alone.
+CAMPAIGN_METHODS = ("kd", "ckd", "dkd", "ce", "crd", "dcd", "kd_ls", "mcld", "dcd_kd")
+
+
+class CampaignError(RuntimeError):
+    """A campaign cannot start as asked (another one runs, its frozen plan disagrees with the flags, ...)."""
+
+
+def parse_pair(text: str) -> tuple[str, str]:
+    """``"resnet56-resnet20"`` -> ``("resnet56", "resnet20")`` (model names contain ``_``, never ``-``)."""
+    parts = text.split("-")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--pair takes TEACHER-STUDENT, e.g. resnet56-resnet20; got {text!r}")
+    return parts[0], parts[1]
+
+
+def campaign_name(preset: str, pair: tuple[str, str], seed: int = 0) -> str:
+    return f"{preset}-{pair[0]}-{pair[1]}-s{seed}"
+
+
+def plan_campaign(preset: str, pair: tuple[str, str] | None = None, methods: Sequence[str] = CAMPAIGN_METHODS,
+                  seed: int = 0, precision: str | None = None, device: str | None = None) -> list[RunConfig]:
+    """The campaign's runs in training order: the teacher (the preset's teacher recipe, seed 0), then one
+    student per method (``ce``: the student trained alone), each with the preset's recipe and the released
+    per-pair defaults."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+    teacher, student = pair or (PRESETS[preset]["teacher_student"], PRESETS[preset]["student"])
+    extra = {"precision": precision} if precision else {}
+    teacher_cfg = teacher_config(preset, teacher, device=device, **extra)
+    configs = [teacher_cfg]
+    for method in methods:
+        if method == "ce":
+            configs.append(make_config(preset, method="ce", student=student, seed=seed, device=device, **extra))
+        else:
+            configs.append(make_config(preset, method=method, teacher=teacher_cfg, student=student, seed=seed,
+                                       device=device, **extra))
+    return configs
+
+
+@dataclass
+class Campaign:
+    """A frozen list of runs and the folder that holds its plan, log and lock."""
+
+    name: str
+    folder: Path
+    configs: list[RunConfig]
+
+    @classmethod
+    def open(cls, store: RunStore, preset: str, pair: tuple[str, str] | None = None,
+             methods: Sequence[str] = CAMPAIGN_METHODS, seed: int = 0, precision: str | None = None,
+             device: str | None = None) -> "Campaign":
+        """The campaign of ``preset``/``pair``/``seed``: its frozen plan if it was started before (``precision``
+        and ``methods`` must then agree with it), else a new plan, written to disk."""
+        pair = pair or (PRESETS[preset]["teacher_student"], PRESETS[preset]["student"])
+        name = campaign_name(preset, pair, seed)
+        folder = store.root / "campaigns" / name
+        path = folder / "plan.json"
+        wanted = plan_campaign(preset, pair, methods, seed, precision, device)
+        if path.exists():
+            frozen = [RunConfig.from_dict(c) for c in read_json(path)["configs"]]
+            if precision and any(c.precision != wanted[i].precision for i, c in enumerate(frozen[:len(wanted)])):
+                raise CampaignError(
+                    f"campaign {name} was planned at precision {frozen[0].precision} ({path}); its runs keep "
+                    f"that precision on every machine. Drop --precision to continue it, or use another --results-dir "
+                    f"for a campaign at {precision}")
+            frozen_methods = [c.method for c in frozen[1:]]
+            if list(methods) != frozen_methods:
+                raise CampaignError(f"campaign {name} was planned with methods {','.join(frozen_methods)} ({path}); "
+                                    f"drop --methods to continue it")
+            return cls(name, folder, frozen)
+        atomic_write_json(path, {"name": name, "preset": preset, "pair": list(pair), "seed": seed,
+                                 "created": utc_now(), "run_ids": [c.run_id for c in wanted],
+                                 "configs": [c.to_dict() for c in wanted]})
+        return cls(name, folder, wanted)
+
+    def status_rows(self, store: RunStore) -> list[dict]:
+        """One row per run: its position, run id, status, epochs done and test top-1 (last / final)."""
+        rows = []
+        for i, config in enumerate(self.configs):
+            summary = store.summary(config.run_id)
+            metrics = [] if summary else store.metrics(config.run_id)
+            done = config.epochs if summary else (metrics[-1]["epoch"] if metrics else 0)
+            times = [m["epoch_time_s"] + m.get("eval_time_s", 0.0) for m in metrics]
+            rows.append({"position": i, "run_id": config.run_id, "method": config.method if i else "teacher",
+                         "status": store.status(config.run_id), "epochs_done": done, "epochs": config.epochs,
+                         "last_top1": summary["last_top1"] if summary else
+                         (metrics[-1].get("test_top1") if metrics else None),
+                         "eta_s": (config.epochs - done) * sum(times[-5:]) / len(times[-5:]) if times else None})
+        return rows
+
+
+def _hours(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = max(0.0, seconds)
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def format_status(rows: Sequence[dict]) -> str:
+    lines = [f"{'#':>2} {'run id':<52} {'status':<11} {'epochs':>9} {'top-1':>7} {'ETA':>7}"]
+    for r in rows:
+        top1 = "" if r["last_top1"] is None else f"{r['last_top1']:.2f}"
+        eta = "" if r["status"] == "finished" else _hours(r["eta_s"])
+        lines.append(f"{r['position']:>2} {r['run_id']:<52} {r['status']:<11} "
+                     f"{r['epochs_done']:>4}/{r['epochs']:<4} {top1:>7} {eta:>7}")
+    return "\n".join(lines)
+
+
+def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device: str | None = None,
+                 data_root: str | Path | None = None, out: Callable[[str], None] = print) -> dict:
+    """Train the campaign's unfinished runs in order until done or ``minutes`` are nearly up.
+
+    Stops only after a saved epoch, when the next epoch (estimated from the last one) would not end in time; the
+    paused run's checkpoint is exported in committable parts. Returns ``{"finished": bool, "paused": run id or
+    None, "rows": status rows}``. A second process on the same campaign raises :class:`CampaignError`.
+    """
+    if minutes <= 0:
+        raise ConfigError(f"--minutes must be > 0, got {minutes!r}")
+    stop_at = time.time() + 60.0 * minutes
+    log_path = campaign.folder / "campaign.log"
+
+    def say(line: str) -> None:
+        line = f"[{utc_now()}] {line}"
+        out(line)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as fh:
+            fh.write(line + "\n")
+
+    with _campaign_lock(campaign, log_path):
+        say(f"campaign {campaign.name}: {len(campaign.configs)} runs, time box {minutes:g} min, store {store.root}")
+        paused = None
+        epoch_seconds: list[float] = []
+
+        def on_epoch(config: RunConfig, record: dict) -> None:
+            seconds = record["epoch_time_s"] + record.get("eval_time_s", 0.0)
+            epoch_seconds.append(seconds)
+            eta = (config.epochs - record["epoch"]) * seconds
+            top1 = record.get("test_top1")
+            say(f"{config.run_id} epoch {record['epoch']}/{config.epochs}: "
+                f"test top-1 {'-' if top1 is None else f'{top1:.2f}%'}, {seconds:.0f} s/epoch, "
+                f"run ETA {_hours(eta)}, time box left {_hours(stop_at - time.time())}")
+
+        for i, config in enumerate(campaign.configs):
+            if store.summary(config.run_id) is not None:
+                continue
+            # A new run has no epoch time yet: the previous run's last epoch is the estimate.
+            if epoch_seconds and time.time() + 1.1 * epoch_seconds[-1] + 5.0 > stop_at:
+                paused = config.run_id
+                say(f"not starting {config.run_id}: too little of the time box left")
+                break
+            say(f"run {i + 1}/{len(campaign.configs)}: {config.run_id} ({config.method}, {config.epochs} epochs, "
+                f"precision {config.precision})")
+            try:
+                summary = run(config, store=store, device=device, quiet=True, data_root=data_root,
+                              stop_at=stop_at, on_epoch=on_epoch)
+            except RunPaused as exc:
+                paused = exc.run_id
+                files = store.export_inflight(exc.run_id)
+                say(f"paused {exc.run_id} after epoch {exc.epoch}/{exc.epochs}; in-flight checkpoint exported to "
+                    f"{files[0].parent} ({len(files) - 1} parts): commit it with the run's records; rerun the same "
+                    f"command to continue")
+                break
+            say(f"finished {config.run_id}: last top-1 {summary['last_top1']:.2f}%, best {summary['best_top1']:.2f}% "
+                f"(epoch {summary['best_epoch']}), {summary['wall_time_s'] / 3600:.2f} h")
+            if config.teacher is None and i == 0:
+                say(f"teacher weights: git add -f {store.run_dir(config.run_id) / 'checkpoints' / 'final.pt'}")
+        rows = campaign.status_rows(store)
+        finished = all(r["status"] == "finished" for r in rows)
+        say("campaign finished" if finished else "campaign stopped; status:")
+        for line in format_status(rows).splitlines():
+            say(line)
+        return {"finished": finished, "paused": paused, "rows": rows}
+
+
+@contextmanager
+def _campaign_lock(campaign: Campaign, log_path: Path) -> Iterator[None]:
+    try:
+        lock = run_lock(campaign.folder)
+        lock.__enter__()
+    except RunInProgressError as exc:
+        raise CampaignError(f"campaign {campaign.name} is already running ({exc}); wait for it, or follow "
+                            f"{log_path}") from None
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)

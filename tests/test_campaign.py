@@ -1,0 +1,89 @@
+"""The time-boxed campaign on the smoke preset: it stops cleanly at its time limit, exports the paused run's
+checkpoint in committable parts, resumes (also from a fresh clone that has only those parts) and finishes with
+the same weights as runs trained without interruption; one campaign process at a time."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ckd_study.campaign import Campaign, CampaignError, _campaign_lock, parse_pair, plan_campaign, run_campaign
+from ckd_study.config import ConfigError
+from ckd_study.runs import RunStore, run
+from ckd_study.study import main as study_main
+
+METHODS = ("kd", "ce")
+
+
+def test_plan_is_the_teacher_then_the_students_in_order():
+    configs = plan_campaign("paper", ("resnet56", "resnet20"), precision="fp32")
+    teacher = configs[0]
+    assert (teacher.student, teacher.method, teacher.teacher, teacher.epochs) == ("resnet56", "ce", None, 240)
+    assert [c.method for c in configs[1:]] == ["kd", "ckd", "dkd", "ce", "crd", "dcd", "kd_ls", "mcld", "dcd_kd"]
+    for c in configs[1:]:
+        assert c.student == "resnet20" and c.epochs == 240 and c.batch_size == 64 and c.base_lr == 0.05
+        assert c.milestones == (150, 180, 210) and c.precision == "fp32"
+        assert c.teacher is None if c.method == "ce" else c.teacher.run_id == teacher.run_id
+    assert configs[3].method_options["beta"] == 2.0  # DKD's released beta for resnet56 -> resnet20
+    assert parse_pair("resnet56-resnet20") == ("resnet56", "resnet20")
+    with pytest.raises(ConfigError, match="TEACHER-STUDENT"):
+        parse_pair("resnet56")
+
+
+def test_campaign_stops_at_its_time_limit_resumes_from_committed_parts_and_finishes(tmp_path):
+    store = RunStore(tmp_path / "campaign")
+    campaign = Campaign.open(store, "smoke", methods=METHODS)
+    lines: list[str] = []
+    # A time box shorter than the 5 s safety margin: every run pauses after its first epoch.
+    first = run_campaign(campaign, store, minutes=0.01, out=lines.append)
+    teacher_id = campaign.configs[0].run_id
+    assert first["paused"] == teacher_id and not first["finished"]
+    assert [r["status"] for r in first["rows"]] == ["interrupted", "new", "new"]
+    assert first["rows"][0]["epochs_done"] == 1
+    assert any(f"paused {teacher_id} after epoch 1/2" in line for line in lines)
+    log = (campaign.folder / "campaign.log").read_text()
+    assert "paused" in log and "epoch 1/2" in log
+    manifest = json.loads((store.inflight_dir(teacher_id) / "manifest.json").read_text())
+    assert manifest["epoch"] == 1 and manifest["parts"] == ["latest.pt.part00"]
+
+    # A fresh clone: the local checkpoint is gone, only the committed parts remain.
+    (store.run_dir(teacher_id) / "checkpoints" / "latest.pt").unlink()
+    second = run_campaign(Campaign.open(store, "smoke", methods=METHODS), store, minutes=30, out=lines.append)
+    assert second["finished"] and second["paused"] is None
+    assert [r["status"] for r in second["rows"]] == ["finished"] * 3
+    assert not store.inflight_dir(teacher_id).exists(), "a finished run keeps no in-flight checkpoint"
+    assert [m["epoch"] for m in store.metrics(teacher_id)] == [1, 2]
+
+    # The same runs without interruption end with the same weights.
+    plain = RunStore(tmp_path / "plain")
+    for config in campaign.configs:
+        assert run(config, store=plain, quiet=True)["final_sha256"] == store.summary(config.run_id)["final_sha256"]
+
+    # Started again when everything is done: nothing is trained.
+    third = run_campaign(Campaign.open(store, "smoke", methods=METHODS), store, minutes=1, out=lines.append)
+    assert third["finished"] and not any("run 1/3" in line for line in lines[-6:])
+
+
+def test_a_second_campaign_process_is_refused_and_the_plan_is_frozen(tmp_path):
+    store = RunStore(tmp_path / "campaign")
+    campaign = Campaign.open(store, "smoke", methods=METHODS, precision="fp32")
+    with _campaign_lock(campaign, campaign.folder / "campaign.log"):
+        with pytest.raises(CampaignError, match="already running"):
+            run_campaign(campaign, store, minutes=1, out=lambda line: None)
+    with pytest.raises(CampaignError, match="planned at precision fp32"):
+        Campaign.open(store, "smoke", methods=METHODS, precision="bf16")
+    with pytest.raises(CampaignError, match="planned with methods kd,ce"):
+        Campaign.open(store, "smoke", methods=("ckd",))
+    # Without flags, a later start continues the frozen plan (whatever auto would resolve to now).
+    assert [c.run_id for c in Campaign.open(store, "smoke", methods=METHODS).configs] == \
+        [c.run_id for c in campaign.configs]
+
+
+def test_campaign_cli_status_and_errors(tmp_path, capsys):
+    results = str(tmp_path / "results")
+    assert study_main(["campaign", "--preset", "smoke", "--methods", "kd", "--results-dir", results, "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "campaign smoke-resnet14-resnet8-s0" in out and out.count(" new ") == 2
+    assert study_main(["campaign", "--preset", "smoke", "--pair", "resnet14", "--results-dir", results]) == 1
+    assert "TEACHER-STUDENT" in capsys.readouterr().err
