@@ -792,22 +792,20 @@ class CRDNegativeSampler(nn.Module):
     positive is the sample's own index. Here the whole batch is drawn at once, on the labels' device, from
     torch's global RNG of that device (the trainer checkpoints it, so a resumed run draws the same negatives):
 
-    * The pool of class y is held implicitly: ``order`` lists the dataset sorted by class (stable), class y
-      occupies ``order[start[y] : start[y] + count[y]]``, so pool position p maps to ``order[p]`` before that
-      block and ``order[p + count[y]]`` after it. State: O(n_data), no (classes x pool) table.
-    * Without replacement: every row gets one random 31-bit integer key per pool position and keeps the
-      positions of its K smallest keys (``topk``), a uniformly random K-subset of its pool. Positions beyond a
-      row's pool (classes of different sizes) get a key above every random one, so they are never kept.
-      Two equal keys only decide which of two positions is kept when they straddle the K-th place (for CIFAR
-      sizes, a few in a thousand rows, then between two positions both otherwise equally likely).
-    * With replacement, for rows whose pool is smaller than K: K independent uniform positions of the pool.
+    * Without replacement: every row gets one uniform random integer key in [0, 2^31) per dataset sample, the
+      samples of the anchor's own class get the key -1, and the row keeps the K samples with the largest keys
+      (``topk``): a uniformly random K-subset of the other classes, returned directly as dataset indices.
+      Two equal keys only matter when they straddle the K-th place (CIFAR sizes: about 2 rows in 100,000),
+      and then decide between two samples that are otherwise equally likely.
+    * With replacement, for rows whose pool is smaller than K: K independent uniform positions in the pool,
+      held implicitly: ``order`` lists the dataset sorted by class (stable), class y occupies
+      ``order[start[y] : start[y] + count[y]]``, so pool position p is ``order[p]`` before that block and
+      ``order[p + count[y]]`` after it.
 
-    Cost per call: B x max_pool random keys and a top-K per row (B=64, pool 49,500, K=16,384: tens of ms on
-    one CPU core, see ``benchmarks/bench_losses.py``), against B x (K+1) draws for uniform sampling.
+    State: O(n_data) (no classes x pool table). Cost per call: B x n_data random keys and a top-K per row
+    (B=64, n_data 50,000, K=16,384: about 40 ms on one CPU core, ``benchmarks/bench_losses.py --only crd``),
+    against B x (K+1) random integers for uniform sampling.
     """
-
-    # keys are drawn in [0, _KEY_INVALID), positions outside a row's pool get _KEY_INVALID
-    _KEY_INVALID = 2**31 - 1
 
     def __init__(self, labels: Tensor, nce_k: int):
         super().__init__()
@@ -821,21 +819,28 @@ class CRDNegativeSampler(nn.Module):
         if int(labels.min()) < 0:
             raise ValueError(f"labels must be >= 0, got a minimum of {int(labels.min())}")
         counts = torch.bincount(labels)
-        if int(counts.max()) == labels.numel():
+        present = counts[counts > 0]
+        if len(present) < 2:
             raise ValueError("labels hold a single class: there is no other-class sample to draw negatives from")
         self.n_data = labels.numel()
         self.nce_k = nce_k
-        # the largest pool (the smallest class among those present) sizes the random keys
-        self.max_pool = self.n_data - int(counts[counts > 0].min())
-        # classes whose pool is smaller than K are sampled with replacement (as RepDistiller does)
-        self.any_with_replacement = bool((self.n_data - counts[counts > 0] < nce_k).any())
-        self.uneven_pools = int(counts[counts > 0].min()) != int(counts.max())
+        # the largest pool belongs to the smallest class present
+        self.max_pool = self.n_data - int(present.min())
+        # does some class have a pool smaller than K? (then its rows are drawn with replacement, as RepDistiller)
+        self.any_with_replacement = bool((self.n_data - present < nce_k).any())
+        self.any_without_replacement = nce_k <= self.max_pool
+        order = torch.argsort(labels, stable=True)
         starts = torch.cumsum(counts, 0) - counts
+        # class_members[c]: the dataset indices of class c, padded by repeating its first one
+        width = torch.arange(int(counts.max()), device=labels.device)
+        slot = starts[:, None] + torch.minimum(width[None, :], (counts[:, None] - 1).clamp_min(0))
+        members = order[slot.clamp_max(self.n_data - 1)]
         # derived from the labels, so not saved in state_dict (a checkpoint does not change)
         self.register_buffer("labels", labels, persistent=False)
-        self.register_buffer("order", torch.argsort(labels, stable=True), persistent=False)
+        self.register_buffer("order", order, persistent=False)
         self.register_buffer("class_start", starts, persistent=False)
         self.register_buffer("class_count", counts, persistent=False)
+        self.register_buffer("class_members", members, persistent=False)
 
     def extra_repr(self) -> str:
         return f"n_data={self.n_data}, nce_k={self.nce_k}, max_pool={self.max_pool}"
@@ -843,20 +848,17 @@ class CRDNegativeSampler(nn.Module):
     def forward(self, index: Tensor) -> Tensor:
         """(B, K+1) dataset indices: column 0 is ``index`` (the positive), columns 1..K the negatives."""
         y = self.labels[index]
-        count = self.class_count[y][:, None]
-        start = self.class_start[y][:, None]
-        pool = self.n_data - count  # (B, 1)
         k, device, bsz = self.nce_k, self.labels.device, index.shape[0]
-        if k <= self.max_pool:
-            keys = torch.empty(bsz, self.max_pool, dtype=torch.int32, device=device).random_(0, self._KEY_INVALID)
-            if self.uneven_pools:
-                columns = torch.arange(self.max_pool, device=device)
-                keys.masked_fill_(columns >= pool, self._KEY_INVALID)
-            position = keys.topk(k, dim=1, largest=False, sorted=False).indices
+        if self.any_without_replacement:
+            keys = torch.empty(bsz, self.n_data, dtype=torch.int32, device=device).random_()  # [0, 2^31)
+            keys.scatter_(1, self.class_members[y], -1)  # the anchor's own class is never among the K largest
+            negatives = keys.topk(k, dim=1, sorted=False).indices
         if self.any_with_replacement:
-            drawn = torch.empty(bsz, k, dtype=torch.int64, device=device).random_() % pool
-            position = drawn if k > self.max_pool else torch.where(pool < k, drawn, position)
-        negatives = self.order[position + count * (position >= start)]
+            count = self.class_count[y][:, None]
+            pool = self.n_data - count
+            position = torch.empty(bsz, k, dtype=torch.int64, device=device).random_() % pool
+            drawn = self.order[position + count * (position >= self.class_start[y][:, None])]
+            negatives = drawn if not self.any_without_replacement else torch.where(pool < k, drawn, negatives)
         return torch.cat([index[:, None], negatives], dim=1)
 
 

@@ -112,12 +112,15 @@ def test_with_replacement_only_when_k_exceeds_the_pool():
     labels = labels[torch.randperm(labels.numel(), generator=torch.Generator().manual_seed(0))]
     k = 12
     sampler = CRDNegativeSampler(labels, k)
-    assert sampler.any_with_replacement and sampler.uneven_pools and sampler.max_pool == 22
+    assert sampler.any_with_replacement and sampler.any_without_replacement and sampler.max_pool == 22
     pools = _other_class_pools(labels)
     torch.manual_seed(2)
     index = torch.arange(25).repeat(200)
     ci = sampler(index)
     _check_exact_rows(ci, index, labels, k, pools, allow_repeats=(0,))
+    # every sample of every pool is reachable (each is kept with probability K/pool per row: 12/20 or more)
+    for c in range(4):
+        assert set(ci[labels[index] == c, 1:].flatten().tolist()) == pools[c], c
     # with replacement: each of the 11 pool samples appears K/11 times per class-0 row on average
     rows0 = ci[labels[index] == 0, 1:]
     counts = torch.stack([(rows0 == j).sum(1) for j in sorted(pools[0])], 1).float()
