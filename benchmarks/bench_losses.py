@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Micro-benchmark of the contrastive losses (CPU by default).
 
-Usage:  python benchmarks/bench_losses.py [--quick] [--json PATH] [--threads N] [--device cpu|cuda]
+Usage:  python benchmarks/bench_losses.py [--quick] [--only crd] [--crd-k K] [--json PATH] [--threads N]
+                                         [--device cpu|cuda]
 
 What it shows (printed as markdown tables, optionally written as JSON):
 
@@ -16,6 +17,10 @@ What it shows (printed as markdown tables, optionally written as JSON):
    CRD's state (two n_data x 128 banks) grows linearly with n_data and it needs the sample indices; its
    per-step time grows with n_data too while it scores the whole memory (a dense product, used up to
    ``CRDMemory.FULL_PRODUCT_MAX_RATIO * (K+1)`` rows) and is set by the K negatives it gathers beyond that.
+   The CRD step includes drawing its negatives as released (``negatives="exact"``: per anchor, K samples of
+   the other classes without replacement; labels: n_data / 100 samples in each of 100 classes, as CIFAR-100);
+   the draw is also timed alone, beside the uniform with-replacement draw (``negatives="uniform"``) and a
+   whole CRD step with it. ``--only crd`` runs this section alone.
 3. The losses next to the networks: forward time (no_grad, eval) of resnet8x4 and resnet32x4 for the same
    batch, from ``ckd_study.models.create_model``; if the model zoo cannot be imported the section is
    skipped and the reason printed.
@@ -43,6 +48,7 @@ from ckd_study.losses import CRDMemory, ckd_loss, crd_loss, dcd_loss, mcld_loss 
 
 DCD_DIM = 128
 CRD_DIM = 128
+CRD_CLASSES = 100  # the benchmark's CRD labels: balanced over 100 classes, as CIFAR-100
 
 
 def _sync(device: torch.device) -> None:
@@ -139,14 +145,23 @@ def bench_crd(n_datas, batch, nce_k, classes, device, repeats):
     xs = torch.nn.functional.normalize(torch.randn(batch, CRD_DIM, generator=g), dim=1).to(device).requires_grad_()
     xt = torch.nn.functional.normalize(torch.randn(batch, CRD_DIM, generator=g), dim=1).to(device).requires_grad_()
     for n in n_datas:
-        mem = CRDMemory(CRD_DIM, n, nce_k=nce_k, generator=torch.Generator().manual_seed(0)).to(device)
+        labels = (torch.arange(n) % CRD_CLASSES).to(device)  # balanced, as CIFAR-100
+        mem = CRDMemory(CRD_DIM, n, nce_k=nce_k, generator=torch.Generator().manual_seed(0), labels=labels).to(device)
+        mem_uniform = CRDMemory(CRD_DIM, n, nce_k=nce_k, generator=torch.Generator().manual_seed(0),
+                                negatives="uniform").to(device)
         idx = torch.randperm(n, generator=g)[:batch].to(device)
 
-        def crd():
-            out_s, out_t = mem(xs, xt, idx)
+        def crd(memory=mem):
+            out_s, out_t = memory(xs, xt, idx)
             torch.autograd.grad(crd_loss(out_s, out_t, n), [xs, xt])
 
-        crd_sec = time_it(crd, device, repeats, label=f"crd n_data={n} K={nce_k}")
+        crd_sec = time_it(crd, device, repeats, label=f"crd n_data={n} K={nce_k} (exact negatives)")
+        sample_sec = time_it(lambda: mem.sampler(idx), device, repeats,
+                             label=f"crd exact negatives alone n_data={n} K={nce_k}")
+        uniform_sample_sec = time_it(lambda: mem_uniform._draw_contrast_index(idx), device, repeats,
+                                     label=f"crd uniform negatives alone n_data={n} K={nce_k}")
+        crd_uniform_sec = time_it(lambda: crd(mem_uniform), device, repeats,
+                                  label=f"crd n_data={n} K={nce_k} (uniform negatives)")
         dense_default = n <= CRDMemory.FULL_PRODUCT_MAX_RATIO * (nce_k + 1)
         # both scorings, whichever is the default at this size: the instance attribute overrides the class's
         mem.FULL_PRODUCT_MAX_RATIO = 10**9 if not dense_default else 0
@@ -156,10 +171,14 @@ def bench_crd(n_datas, batch, nce_k, classes, device, repeats):
         bank_mb = sum(buf.numel() * buf.element_size() for buf in (mem.memory_student, mem.memory_teacher)) / 2**20
         rows.append({"n_data": n, "B": batch, "nce_k": nce_k, "crd_ms": crd_sec * 1e3, "crd_bank_MiB": bank_mb,
                      "crd_scoring": "dense" if dense_default else "gather", "crd_dense_ms": dense_sec * 1e3,
-                     "crd_gather_ms": gather_sec * 1e3,
+                     "crd_gather_ms": gather_sec * 1e3, "crd_negatives": "exact",
+                     "negative_pool": n - n // CRD_CLASSES, "exact_sampling_ms": sample_sec * 1e3,
+                     "uniform_sampling_ms": uniform_sample_sec * 1e3, "crd_uniform_ms": crd_uniform_sec * 1e3,
                      "ckd_C": classes, "ckd_ms": ckd_sec * 1e3, "ckd_state_MiB": 0.0})
-        print(f"  n_data={n:7d}  crd {crd_sec * 1e3:9.2f} ms  ckd {ckd_sec * 1e3:9.2f} ms", file=sys.stderr, flush=True)
-        del mem
+        print(f"  n_data={n:7d}  crd {crd_sec * 1e3:9.2f} ms (exact draw alone {sample_sec * 1e3:.2f} ms; "
+              f"uniform: crd {crd_uniform_sec * 1e3:.2f} ms, draw {uniform_sample_sec * 1e3:.2f} ms)  "
+              f"ckd {ckd_sec * 1e3:9.2f} ms", file=sys.stderr, flush=True)
+        del mem, mem_uniform
     return rows
 
 
@@ -229,6 +248,8 @@ def main(argv=None):
     ap.add_argument("--json", type=Path, default=None, help="write the results as JSON to this path")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all available cores)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--only", choices=["crd"], default=None, help="run one section only (crd: section 2)")
+    ap.add_argument("--crd-k", type=int, default=None, help="CRD's K negatives (default 16384; --quick: 4096)")
     args = ap.parse_args(argv)
 
     threads, thread_note = pick_threads(args.threads)
@@ -248,6 +269,9 @@ def main(argv=None):
         batches, classes, repeats = [64, 128, 256, 512, 1024], [10, 100, 1000], 7
         crd_ns, crd_k, crd_rep = [10_000, 50_000, 100_000], 16384, 3
         model_batches, model_rep, model_warmup = [64, 128], 3, 1
+    if args.crd_k:
+        crd_k = args.crd_k
+    crd_only = args.only == "crd"
 
     t_start = time.perf_counter()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
@@ -255,16 +279,54 @@ def main(argv=None):
           f"torch {torch.__version__}, threads={torch.get_num_threads()}: {thread_note}", flush=True)
     print("(times: minimum over repeated runs, in ms; a loaded machine inflates them: compare within one run)")
 
-    print("timing the loss grid ...", file=sys.stderr, flush=True)
-    grid = bench_grid(batches, classes, device, repeats)
-    expo = exponents(grid, batches)
+    grid, expo, model_rows, model_skip = [], {}, [], "not run (--only crd)"
+    if not crd_only:
+        print("timing the loss grid ...", file=sys.stderr, flush=True)
+        grid = bench_grid(batches, classes, device, repeats)
+        expo = exponents(grid, batches)
     print("timing CRD vs dataset size ...", file=sys.stderr, flush=True)
     crd_rows = bench_crd(crd_ns, 64, crd_k, 100, device, crd_rep)
-    print("timing model forwards ...", file=sys.stderr, flush=True)
-    model_rows, model_skip = bench_models(["resnet8x4", "resnet32x4"], model_batches, 100, device, model_rep, grid,
-                                          warmup=model_warmup)
+    if not crd_only:
+        print("timing model forwards ...", file=sys.stderr, flush=True)
+        model_rows, model_skip = bench_models(["resnet8x4", "resnet32x4"], model_batches, 100, device, model_rep,
+                                              grid, warmup=model_warmup)
     elapsed = time.perf_counter() - t_start
 
+    if not crd_only:
+        print_loss_grid(grid, expo, batches)
+    print_crd(crd_rows, crd_k)
+    if not crd_only:
+        print_models(model_rows, model_skip)
+    print()
+    print(f"total benchmark time: {elapsed:.1f} s")
+
+    if args.json:
+        payload = {
+            "mode": ("quick" if args.quick else "full") + (" (only crd)" if crd_only else ""),
+            "device": str(device),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "threads_note": thread_note,
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "repeats_min": repeats,
+            "min_total_s": MIN_TOTAL_S,
+            "load_average_start": load,
+            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
+            "timings": TIMINGS,
+            "loss_grid": grid,
+            "b_exponent": {str(k): v for k, v in expo.items()},
+            "crd_vs_n_data": crd_rows,
+            "models": model_rows,
+            "models_skipped": model_skip,
+            "elapsed_s": elapsed,
+        }
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+
+
+def print_loss_grid(grid, expo, batches):
     print()
     print("## 1. Forward+backward time of the losses (ms) and time / (B²·C)")
     print()
@@ -288,6 +350,8 @@ def main(argv=None):
         print(md_table(["C", "CKD", "MCLD", "DCD"],
                        [[c, f"{e['ckd']:.2f}", f"{e['mcld']:.2f}", f"{e['dcd']:.2f}"] for c, e in expo.items()]))
 
+
+def print_crd(crd_rows, crd_k):
     print()
     print("## 2. Dataset size: CRD's memory bank vs CKD (B=64; CKD at C=100)")
     print()
@@ -303,7 +367,19 @@ def main(argv=None):
                    [[r["n_data"], f"{r['crd_ms']:.2f}", r["crd_scoring"], f"{r['crd_dense_ms']:.2f}",
                      f"{r['crd_gather_ms']:.2f}", f"{r['crd_bank_MiB']:.1f}", f"{r['ckd_ms']:.2f}", "0"]
                     for r in crd_rows]))
+    print()
+    print("Drawing CRD's negatives (included in the CRD times above, which use the released 'exact' draw): per")
+    print("anchor, K samples of the other classes without replacement (B x n_data random keys and a top-K; with")
+    print("replacement where K exceeds the pool), against the uniform draw with replacement (B x (K+1) random")
+    print("integers) and a whole CRD step with that draw.")
+    print()
+    print(md_table(["n_data", "pool", "K", "exact draw ms", "uniform draw ms", "CRD ms (exact)", "CRD ms (uniform)"],
+                   [[r["n_data"], r["negative_pool"], r["nce_k"], f"{r['exact_sampling_ms']:.2f}",
+                     f"{r['uniform_sampling_ms']:.2f}", f"{r['crd_ms']:.2f}", f"{r['crd_uniform_ms']:.2f}"]
+                    for r in crd_rows]))
 
+
+def print_models(model_rows, model_skip):
     print()
     print("## 3. The loss next to the networks (forward, no_grad, eval; losses forward+backward, C=100)")
     print()
@@ -317,33 +393,6 @@ def main(argv=None):
         print()
         print("A training step also runs the student's backward (about 2x its forward), so the loss's share of a")
         print("step is smaller still.")
-    print()
-    print(f"total benchmark time: {elapsed:.1f} s")
-
-    if args.json:
-        payload = {
-            "mode": "quick" if args.quick else "full",
-            "device": str(device),
-            "torch": torch.__version__,
-            "threads": torch.get_num_threads(),
-            "threads_note": thread_note,
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "repeats_min": repeats,
-            "min_total_s": MIN_TOTAL_S,
-            "load_average_start": load,
-            "load_average_end": os.getloadavg() if hasattr(os, "getloadavg") else None,
-            "timings": TIMINGS,
-            "loss_grid": grid,
-            "b_exponent": {str(k): v for k, v in expo.items()},
-            "crd_vs_n_data": crd_rows,
-            "models": model_rows,
-            "models_skipped": model_skip,
-            "elapsed_s": elapsed,
-        }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2))
-        print(f"wrote {args.json}")
 
 
 if __name__ == "__main__":
