@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRECISIONS, SCHEDULES, ConfigError, RunConfig, available_presets, make_config
+from .config import PRECISIONS, RECIPES, SCHEDULES, ConfigError, RunConfig, available_presets, make_config
 from .data import available_datasets
 from .methods import MethodError, available_methods, build_options, method_class
 from .models import available_models, create_model
@@ -76,6 +76,9 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--teacher-run", metavar="RUN_ID", help="use the teacher of a stored run (by run id)")
     train.add_argument("--method", choices=available_methods(), default=None,
                        help=f"default ce; one of: {', '.join(available_methods())}")
+    train.add_argument("--recipe", choices=list(RECIPES), default=None,
+                       help="a student budget other than the preset's, e.g. ckd_released (480 epochs, cosine, "
+                            "the released per-pair batch size at the paper preset)")
     train.add_argument("--teacher-epochs", type=int, help="epochs of the teacher recipe (default: the preset's)")
     train.add_argument("--option", type=_option, action="append", default=[], metavar="KEY=VALUE",
                        help="a method option, e.g. temperature=0.5 (repeatable; `methods` lists them)")
@@ -138,7 +141,7 @@ def config_from_args(args: argparse.Namespace, store) -> RunConfig:
     if teacher_overrides and not isinstance(teacher, (str, type(None))):
         raise ConfigError("--teacher-epochs applies to a teacher trained from the preset, not to --teacher-run")
     return make_config(args.preset or "paper", method=method, teacher=teacher, method_options=options,
-                       teacher_overrides=teacher_overrides, device=args.device, **overrides)
+                       teacher_overrides=teacher_overrides, device=args.device, recipe=args.recipe, **overrides)
 
 
 def cmd_train(args, store) -> int:

@@ -44,6 +44,23 @@ for _pair in PAIR_METHOD_DEFAULTS.values():
         _pair["dkd_ls"] = dict(_pair["dkd"])
 
 
+# Training recipes other than the preset's common budget, as data. A recipe changes a *student* run's budget
+# relative to its preset (the teacher keeps the preset's recipe) and is recorded in the config as ``recipe``.
+RECIPES: dict[str, dict[str, Any]] = {
+    # The CKD authors' released configs (ZhouXinzzzzz/CKD, configs/cifar100/ckd/*.yaml): 480 epochs (2x the
+    # 240-epoch benchmark) with a cosine schedule, and batch 32 for five pairs (lr and loss settings unchanged:
+    # they equal the recipe's lr and PAIR_METHOD_DEFAULTS). Their KD/DKD baselines use the 240-epoch step recipe.
+    "ckd_released": {
+        "label": "CKD's released recipe: 2x epochs, cosine lr",
+        "epochs_factor": 2,
+        "schedule": "cosine",
+        "pair_batch_size": {("wrn_40_2", "wrn_40_1"): 32, ("resnet32x4", "ShuffleV1"): 32,
+                            ("wrn_40_2", "ShuffleV1"): 32, ("vgg13", "MobileNetV2"): 32,
+                            ("ResNet50", "MobileNetV2"): 32},
+    },
+}
+
+
 class ConfigError(ValueError):
     """A config field has an invalid value; the message names the field and the valid values."""
 
@@ -84,6 +101,8 @@ class RunConfig:
     # DataLoader(drop_last=False)); True follows DCD's release. A last batch of a single image is always
     # dropped: BatchNorm cannot train on one sample.
     drop_last: bool = False
+    # A named recipe of RECIPES the budget came from (None: the preset's); left out of the run id when None.
+    recipe: str | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
@@ -124,6 +143,8 @@ class RunConfig:
         need(list(self.milestones) == sorted(self.milestones) and all(m >= 1 for m in self.milestones),
              "milestones", f"must be increasing positive epochs, got {self.milestones!r}")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}")
+        need(self.recipe is None or self.recipe in RECIPES, "recipe",
+             f"unknown recipe {self.recipe!r}; valid: {', '.join(RECIPES)}")
         need(self.precision in PRECISIONS, "precision",
              f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         for name in ("teacher_cache", "deterministic", "compile", "drop_last"):
@@ -154,6 +175,8 @@ class RunConfig:
         out["milestones"] = list(self.milestones)
         out["method_options"] = _jsonable(dict(self.method_options))
         out["teacher"] = None if self.teacher is None else self.teacher.to_dict()
+        if out["recipe"] is None:  # a field added later: configs without a recipe keep their run ids
+            del out["recipe"]
         return out
 
     @classmethod
@@ -262,22 +285,31 @@ def teacher_config(preset: str = "paper", teacher: str | None = None, seed: int 
 def make_config(preset: str = "paper", *, method: str = "ce", teacher: "str | RunConfig | None" = None,
                 method_options: Mapping[str, Any] | None = None,
                 teacher_overrides: Mapping[str, Any] | None = None, device: str | None = None,
-                **overrides: Any) -> RunConfig:
+                recipe: str | None = None, **overrides: Any) -> RunConfig:
     """Build a resolved, validated config from a preset plus overrides.
 
     ``teacher`` is a model name (its run is the preset's teacher recipe, seed 0), a teacher ``RunConfig``,
     or None, in which case methods that need a teacher get the preset's default teacher.
     ``teacher_overrides`` change fields of that teacher recipe (e.g. ``{"epochs": 1}``). ``device`` is where
     the runs will train; it only matters for resolving ``precision="auto"`` (:func:`resolve_precision`).
+    ``recipe`` (a name in :data:`RECIPES`) changes the student's budget relative to the preset; explicit
+    overrides still win.
     """
     from .methods import method_class
 
     p = preset_defaults(preset)
     fields = {k: v for k, v in p.items() if k not in _PRESET_ONLY_KEYS}
     fields.update(preset=preset, method=method)
-    fields.update(overrides)
-    student = fields.get("student", RunConfig.student)
+    student = overrides.get("student", fields.get("student", RunConfig.student))
     needs_teacher = method_class(method).needs_teacher if method in _method_names() else False
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; valid: {', '.join(RECIPES)}")
+        spec = RECIPES[recipe]
+        teacher_name = teacher.student if isinstance(teacher, RunConfig) else (teacher or p["teacher_student"])
+        fields.update(epochs=fields["epochs"] * spec["epochs_factor"], schedule=spec["schedule"], recipe=recipe,
+                      batch_size=spec["pair_batch_size"].get((teacher_name, student), fields["batch_size"]))
+    fields.update(overrides)
     if needs_teacher and not isinstance(teacher, RunConfig):
         shared = {k: fields[k] for k in ("dataset", "train_per_class", "test_per_class") if k in fields}
         teacher = teacher_config(preset, teacher, device=device, **{**shared, **(teacher_overrides or {})})

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -98,11 +99,40 @@ def build_options(name: str, options: Mapping[str, Any] | None = None) -> Any:
     unknown = sorted(set(given) - valid)
     if unknown:
         raise MethodError(f"method {name!r}: unknown option(s) {unknown}; valid options: {', '.join(sorted(valid))}")
-    # JSON round trips turn tuples into lists; the dataclasses expect tuples.
-    given = {k: tuple(v) if isinstance(v, list) else v for k, v in given.items()}
+    hints = typing.get_type_hints(cls.Options)
+    given = {k: _canonical_option(name, k, hints[k], v) for k, v in given.items()}
     opts = cls.Options(**given)
     opts.validate(name)
     return opts
+
+
+def _canonical_option(method: str, option: str, declared: Any, value: Any) -> Any:
+    """``value`` as the option's declared type, so equal settings hash to one run id (``1`` and ``1.0`` for a
+    float option; a JSON list for a tuple option). Booleans are never numbers; floats must be finite."""
+    args = typing.get_args(declared)
+    if type(None) in args:  # X | None
+        if value is None:
+            return None
+        declared = next(a for a in args if a is not type(None))
+    origin = typing.get_origin(declared) or declared
+    if origin is tuple:
+        _check(isinstance(value, (list, tuple)), method, option, f"must be a list, got {value!r}")
+        return tuple(value)
+    if declared is float:
+        _check(isinstance(value, (int, float)) and not isinstance(value, bool), method, option,
+               f"not a number: {value!r}")
+        _check(math.isfinite(value), method, option, f"must be a finite number, got {value!r}")
+        return float(value)
+    if declared is int:
+        ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        _check(ok and not isinstance(value, bool), method, option, f"not a whole number: {value!r}")
+        return int(value)
+    if declared is bool:
+        _check(isinstance(value, bool), method, option, f"must be true or false, got {value!r}")
+        return value
+    if declared is str:
+        _check(isinstance(value, str), method, option, f"must be a string, got {value!r}")
+    return value
 
 
 def _to_plain(opts: Any) -> dict[str, Any]:

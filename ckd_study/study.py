@@ -45,7 +45,8 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from . import analysis
 from .campaign import CAMPAIGN_METHODS
-from .config import LOW_LR_STUDENTS, PRECISIONS, PRESETS, ConfigError, RunConfig, available_presets, make_config
+from .config import (LOW_LR_STUDENTS, PRECISIONS, PRESETS, RECIPES, ConfigError, RunConfig, available_presets,
+                     make_config)
 from .methods import MethodError
 from .runs import REPO_ROOT, RunError, RunStore, atomic_write_json, read_json
 
@@ -55,7 +56,8 @@ NOTEBOOKS = ("01_teachers", "02_main_table", "03_ablation_batch_size", "04_ablat
 EXPERIMENTS = ("teachers", "main", "batch_size", "temperature", "intra_inter", "tsne", "correlation")
 
 METHOD_LABELS = {"ce": "CE (student alone)", "kd": "KD", "dkd": "DKD", "kd_ls": "KD+LS", "dkd_ls": "DKD+LS",
-                 "crd": "CRD", "ckd": "CKD", "mcld": "MCLD (our reimpl.)", "dcd": "DCD", "dcd_kd": "DCD+KD"}
+                 "crd": "CRD", "ckd": "CKD", "mcld": "MCLD (our reimpl.)", "dcd": "DCD", "dcd_kd": "DCD+KD",
+                 "ckd@ckd_released": "CKD (released recipe)"}
 DATASET_LABELS = {"cifar100": "CIFAR-100", "cifar10": "CIFAR-10",
                   "digits": "sklearn digits (8×8 upsampled to 32×32)"}
 TOP1 = "last-epoch top-1 (%)"
@@ -112,6 +114,8 @@ class StudySpec:
     pairs                 (teacher, student) pairs of the main table (and of the teachers notebook)
     seeds                 seeds of the main table
     main_methods          methods of the main table (rows, in order)
+    recipe_rows           extra main-table rows (method, recipe of config.RECIPES), keyed ``method@recipe``:
+                          a method under its authors' own budget beside the common one
     ablation_seeds        seeds of the ablations (notebooks 03–05)
     batch_sizes           batch-size ablation; lr = recipe lr × batch / ``reference_batch_size`` (linear rule)
     batch_size_methods    methods of the batch-size ablation
@@ -136,6 +140,7 @@ class StudySpec:
     dcd_fixed_temperatures: tuple[float, ...]
     mcld_grid: tuple[tuple[str, Mapping[str, Any]], ...]
     ckd_terms: tuple[tuple[str, ...], ...] = (("intra",), ("inter",), ("intra", "inter"))
+    recipe_rows: tuple[tuple[str, str], ...] = (("ckd", "ckd_released"),)
     analysis_methods: tuple[str, ...] = ("ce", "kd", "crd", "ckd", "mcld", "dcd")
     tsne_classes: int | None = 20
     tsne_per_class: int | None = 50
@@ -293,6 +298,8 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
     elif experiment == "main":
         out = [Entry(_base_labels(p, m, s), _config(preset, m, p, s))
                for p in spec.pairs for m in spec.main_methods for s in spec.seeds]
+        out += [Entry(_base_labels(p, f"{m}@{r}", s, recipe=r), _config(preset, m, p, s, recipe=r))
+                for p in spec.pairs for m, r in spec.recipe_rows for s in spec.seeds]
     elif experiment == "batch_size":
         for m in spec.batch_size_methods:
             for b in spec.batch_sizes:
@@ -624,7 +631,10 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                f"the papers' own protocols)"
                + ("" if spec.show_published else "; none exist for this preset's budget and pair ('–')")
                + ". Δ vs KD: last-epoch mean minus KD's, in percentage points. MCLD is our reimplementation "
-               "(no public code); CKD and MCLD have no citable published numbers.")
+               "(no public code); CKD and MCLD have no citable published numbers."
+               + "".join(f" {METHOD_LABELS.get(f'{m}@{r}', f'{m}@{r}')}: {RECIPES[r]['label']} "
+                         f"({_config(preset, m, spec.pairs[0], 0, recipe=r).epochs} epochs here), not the common "
+                         f"budget." for m, r in spec.recipe_rows))
     tables = {"main_table": analysis.save_table(table, out / "main_table", latex=True, caption=caption,
                                                 label=f"tab:main-{preset}")}
     analysis.write_csv(runs, out / "main_table_runs.csv")
