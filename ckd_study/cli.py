@@ -1,4 +1,4 @@
-"""``python -m ckd_study``: train, cache-teacher, list, show, models, methods.
+"""``python -m ckd_study``: train, cache-teacher, import-teacher, list, show, models, methods.
 
 Examples::
 
@@ -7,6 +7,7 @@ Examples::
     python -m ckd_study train --preset smoke --method ckd --option temperature=0.5 --option anchor=both
     python -m ckd_study train --config results/runs/<run-id>/config.json
     python -m ckd_study cache-teacher --preset paper --teacher resnet32x4 --student resnet8x4
+    python -m ckd_study import-teacher cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth --model resnet56
     python -m ckd_study list
     python -m ckd_study show <run-id>
 """
@@ -55,6 +56,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "on the teacher and the training set, so any distillation method selects the same cache "
                     "(default kd). Runs also fill it lazily on their own; an interrupted precompute continues.")
     _add_run_arguments(cache)
+
+    imp = sub.add_parser(
+        "import-teacher", help="store a standard teacher checkpoint (RepDistiller/mdistiller/CKD) as a teacher run",
+        description="Load FILE (a dict with 'model' or 'state_dict', or a bare state dict; 'module.' prefixes are "
+                    "stripped) strictly into --model, measure its test accuracy, and store it as the finished "
+                    "teacher run that `train` with the same --preset/--device/--precision would otherwise train.")
+    imp.add_argument("file", type=Path)
+    imp.add_argument("--model", required=True, choices=available_models(), metavar="MODEL",
+                     help=f"zoo model of the checkpoint; one of: {', '.join(available_models())}")
+    imp.add_argument("--preset", choices=available_presets(), default="paper", help="default: paper")
+    imp.add_argument("--precision", choices=PRECISIONS, default=None, help="as you will pass to train (default auto)")
+    imp.add_argument("--device", help="as you will pass to train (default: cuda when available)")
+    imp.add_argument("--data-dir", help="dataset root (default: $CKD_DATA_DIR or data/)")
 
     sub.add_parser("list", help="runs in the store with their status and headline metrics")
     show = sub.add_parser("show", help="a run's config, summary and last epochs")
@@ -179,6 +193,21 @@ def cmd_cache_teacher(args, store) -> int:
     return 0
 
 
+def cmd_import_teacher(args, store) -> int:
+    from .teachers import accuracy_note, import_teacher
+
+    summary = import_teacher(args.file, args.model, preset=args.preset, store=store, device=args.device,
+                             precision=args.precision, data_root=args.data_dir)
+    note, off = accuracy_note(summary)
+    print(f"imported {args.file.name} ({summary['imported']['format']}) as teacher run {summary['run_id']}: {note}")
+    if off:
+        print(f"warning: the measured accuracy is more than 1 pp from the published one: check the file, --model "
+              f"and the dataset", file=sys.stderr)
+    print(f"stored in {store.run_dir(summary['run_id'])}; `train --preset {args.preset} --teacher {args.model}` "
+          f"distils from it")
+    return 0
+
+
 def cmd_list(args, store) -> int:
     ids = store.run_ids()
     if not ids:
@@ -230,7 +259,8 @@ def cmd_methods(args, store) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "list": cmd_list, "show": cmd_show,
+COMMANDS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "import-teacher": cmd_import_teacher,
+            "list": cmd_list, "show": cmd_show,
             "models": cmd_models, "methods": cmd_methods}
 
 
