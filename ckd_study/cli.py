@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -42,14 +43,35 @@ def _option(text: str) -> tuple[str, Any]:
     return key.strip(), _parse_value(value.strip())
 
 
+def _milestones(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"takes comma-separated whole epochs, e.g. 150,180,210; got {text!r}") from None
+
+
+def _common_flags(defaults: bool) -> argparse.ArgumentParser:
+    """Flags every command takes, before or after the command's name (the top level keeps the defaults)."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--results-dir", default=None if defaults else argparse.SUPPRESS,
+                        help="results store (default: $CKD_RESULTS_DIR or results/)")
+    common.add_argument("--debug", action="store_true", default=False if defaults else argparse.SUPPRESS,
+                        help="show the full traceback of an error")
+    return common
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ckd_study",
+    parser = argparse.ArgumentParser(prog="python -m ckd_study", parents=[_common_flags(True)],
                                      description="Contrastive knowledge distillation study on CIFAR-100.")
-    parser.add_argument("--results-dir", default=None, help="results store (default: $CKD_RESULTS_DIR or results/)")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,cache-teacher,list,show,models,methods}")
-    _add_run_arguments(sub.add_parser("train", help="train a teacher (method ce) or a distillation run"))
-    cache = sub.add_parser(
+                                metavar="{train,cache-teacher,import-teacher,list,show,models,methods}")
+    common = _common_flags(False)
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:  # every command takes the common flags too
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    _add_run_arguments(command("train", help="train a teacher (method ce) or a distillation run"))
+    cache = command(
         "cache-teacher", help="precompute the exact teacher-output cache (all 162 views of every training image)",
         description="Fill the exact teacher-output cache of a config's teacher and training set for every view, "
                     "training the teacher first if needed. Takes the flags of `train`; the cache depends only "
@@ -57,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default kd). Runs also fill it lazily on their own; an interrupted precompute continues.")
     _add_run_arguments(cache)
 
-    imp = sub.add_parser(
+    imp = command(
         "import-teacher", help="store a standard teacher checkpoint (RepDistiller/mdistiller/CKD) as a teacher run",
         description="Load FILE (a dict with 'model' or 'state_dict', or a bare state dict; 'module.' prefixes are "
                     "stripped) strictly into --model, measure its test accuracy, and store it as the finished "
@@ -70,11 +92,11 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("--device", help="as you will pass to train (default: cuda when available)")
     imp.add_argument("--data-dir", help="dataset root (default: $CKD_DATA_DIR or data/)")
 
-    sub.add_parser("list", help="runs in the store with their status and headline metrics")
-    show = sub.add_parser("show", help="a run's config, summary and last epochs")
+    command("list", help="runs in the store with their status and headline metrics")
+    show = command("show", help="a run's config, summary and last epochs")
     show.add_argument("run_id")
-    sub.add_parser("models", help="the model zoo with parameter counts")
-    sub.add_parser("methods", help="the methods and their options with defaults")
+    command("models", help="the model zoo with parameter counts")
+    command("methods", help="the methods and their options with defaults")
     return parser
 
 
@@ -100,7 +122,7 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--batch-size", type=int)
     train.add_argument("--lr", type=float)
     train.add_argument("--schedule", choices=SCHEDULES)
-    train.add_argument("--milestones", type=lambda s: tuple(int(x) for x in s.split(",")), metavar="E1,E2,...")
+    train.add_argument("--milestones", type=_milestones, metavar="E1,E2,...")
     train.add_argument("--weight-decay", type=float)
     train.add_argument("--seed", type=int)
     train.add_argument("--train-per-class", type=int)
@@ -166,6 +188,12 @@ def cmd_train(args, store) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
+    status = store.status(config.run_id)
+    if status == "finished":
+        print("already finished: read from the store, not trained again")
+    elif status == "interrupted" or store.inflight_dir(config.run_id).exists():
+        done = len(store.metrics(config.run_id))
+        print(f"resuming from its last checkpoint (epoch {done}/{config.epochs})")
     summary = run(config, store=store, device=args.device, quiet=args.quiet, wait=args.wait, data_root=args.data_dir)
     print(f"finished {summary['run_id']}: last top-1 {summary['last_top1']:.2f}%, best {summary['best_top1']:.2f}% "
           f"(epoch {summary['best_epoch']}), {summary['wall_time_s']:.0f} s, {summary['images_per_s']:.0f} img/s")
@@ -264,20 +292,45 @@ COMMANDS = {"train": cmd_train, "cache-teacher": cmd_cache_teacher, "import-teac
             "models": cmd_models, "methods": cmd_methods}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from .runs import RunError, RunStore
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that describe a problem the user can fix: one line on stderr, exit code 1, no traceback."""
+    from .campaign import CampaignError
+    from .data import DatasetError, UnknownDatasetError
+    from .runs import RunError
+    from .train import NonFiniteLossError
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    store = RunStore(args.results_dir)
+    return (ConfigError, MethodError, RunError, DatasetError, UnknownDatasetError, CampaignError,
+            NonFiniteLossError, OSError)
+
+
+def report_errors(run_command, debug: bool) -> int:
+    """Run ``run_command()`` and turn user errors, Ctrl-C and a closed output pipe into one line and an exit
+    code (1, 130, 0); ``debug`` re-raises them with their traceback."""
     try:
-        return COMMANDS[args.command](args, store)
-    except (ConfigError, MethodError) as exc:
-        parser.error(str(exc))
-    except RunError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        code = run_command()
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:  # `list | head`: the reader left; not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("interrupted; rerun the same command to resume from the last saved epoch", file=sys.stderr)
+        return 130
+    except user_errors() as exc:
+        if debug:
+            raise
+        print(f"error: {str(exc) or type(exc).__name__}\n(--debug shows the traceback)", file=sys.stderr)
         return 1
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from .runs import RunStore
+
+    args = build_parser().parse_args(argv)
+    return report_errors(lambda: COMMANDS[args.command](args, RunStore(args.results_dir)), args.debug)
 
 
 if __name__ == "__main__":

@@ -250,11 +250,19 @@ def available_datasets() -> list[str]:
 
 
 def default_data_root() -> Path:
-    """``$CKD_DATA_DIR`` when set (and not empty), else ``<repo>/data``."""
+    """``$CKD_DATA_DIR`` when set (and not empty), else ``<repo>/data``.
+
+    A relative ``$CKD_DATA_DIR`` (the README's ``../shared/datasets``) is taken from the current directory when
+    it exists there, else from the repository root: notebooks run with ``notebooks/`` as their directory.
+    """
     env = os.environ.get(ENV_VAR, "").strip()
+    repo = Path(__file__).resolve().parent.parent
     if env:
-        return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent / "data"
+        path = Path(env).expanduser()
+        if not path.is_absolute() and not path.exists() and (repo / path).exists():
+            return repo / path
+        return path
+    return repo / "data"
 
 
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> ImageDataset:

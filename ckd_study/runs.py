@@ -220,9 +220,12 @@ class RunStore:
         config = self.config(run_id)
         path = self.run_dir(run_id) / "checkpoints" / "final.pt"
         if not path.exists():
-            raise RunError(f"run {run_id!r} has no final checkpoint {path} (checkpoints are not committed); "
-                           f"retrain it with `python -m ckd_study train --config {self.run_dir(run_id)}/config.json`"
-                           f" after removing its summary.json")
+            how = (f"import a checkpoint with `python -m ckd_study import-teacher FILE --model {config.student} "
+                   f"--preset {config.preset}` after moving {self.run_dir(run_id)} away, or "
+                   if config.teacher is None else "")
+            raise RunError(f"run {run_id!r} has finished but its weights {path} are missing (checkpoints of "
+                           f"students are not committed); {how}retrain it: move {self.run_dir(run_id)} away and run "
+                           f"`python -m ckd_study train --config <moved folder>/config.json`")
         actual = sha256_file(path)
         if actual != summary["final_sha256"]:
             raise RunError(f"checkpoint {path} has sha256 {actual[:12]}…, but the run recorded "
@@ -270,7 +273,8 @@ def run_lock(run_dir: Path, wait: bool = False, poll_s: float = 1.0) -> Iterator
             if not wait:
                 raise RunInProgressError(
                     f"run {run_dir.name} is being trained by process {owner.get('pid')} on {owner.get('host')}; "
-                    f"wait for it (run(..., wait=True)) or, if that process is gone, remove {path}") from None
+                    f"wait for it (`--wait`; from Python run(..., wait=True)) or, if that process is gone, remove "
+                    f"{path}") from None
             time.sleep(poll_s)
             continue
         with os.fdopen(fd, "w") as fh:
@@ -382,7 +386,8 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait,
                               data_root=data_root, stop_at=stop_at, on_epoch=on_epoch)
 
-    with run_lock(run_dir, wait=wait):
+    created = not run_dir.exists()
+    with run_lock(run_dir, wait=wait), _removed_on_failure(run_dir if created else None):
         finished = store.summary(run_id)  # another process may have finished it while we waited
         if finished is not None:
             return finished
@@ -478,6 +483,20 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         atomic_write_json(run_dir / "summary.json", summary)
         store.remove_inflight(run_id)  # a finished run keeps its records, not its in-flight checkpoint
         return summary
+
+
+@contextmanager
+def _removed_on_failure(run_dir: Path | None) -> Iterator[None]:
+    """Remove a run folder this call created when the run fails before its first checkpoint (a missing
+    dataset, a bad teacher, Ctrl-C in epoch 1): no half-made run is left in the store."""
+    try:
+        yield
+    except BaseException:
+        if run_dir is not None and not (run_dir / "checkpoints").exists():
+            import shutil
+
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def _frozen_teacher(config: RunConfig, store: RunStore, data: ImageDataset, setup) -> ZooModel:

@@ -1,0 +1,116 @@
+"""What a new user meets first: one-line CLI errors (no traceback, exit 1, the path or value named), data found
+from notebooks/, one run id per setting, the common flags after the command, runs that say what they reuse."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ckd_study import cli
+from ckd_study.config import make_config
+from ckd_study.data import default_data_root
+from ckd_study.methods import MethodError
+from ckd_study.runs import RunInProgressError, RunStore, run_lock
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _main(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_missing_dataset_is_one_message_and_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CKD_DATA_DIR", str(tmp_path / "nowhere"))
+    results = tmp_path / "results"
+    code, _, err = _main(capsys, "train", "--preset", "quick", "--method", "kd", "--results-dir", str(results))
+    assert code == 1 and "Traceback" not in err
+    assert err.startswith("error: CIFAR-100 not found") and str(tmp_path / "nowhere") in err
+    assert "CKD_DATA_DIR" in err and "--debug" in err
+    assert not (results / "runs").exists() or not any((results / "runs").iterdir()), "no half-made run folder"
+    with pytest.raises(Exception, match="CIFAR-100 not found"):
+        cli.main(["train", "--preset", "quick", "--results-dir", str(results), "--debug"])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--option", "temperature=true"], "option 'temperature': not a number: True"),
+    (["--option", "temperature=abc"], "option 'temperature': not a number: 'abc'"),
+    (["--option", "weight=Infinity"], "option 'weight': must be a finite number, got inf"),
+    (["--option", "weight=NaN"], "must be a finite number, got nan"),
+])
+def test_bad_option_values_are_named(tmp_path, capsys, argv, message):
+    code, _, err = _main(capsys, "train", "--preset", "smoke", "--method", "ckd", "--dry-run",
+                         "--results-dir", str(tmp_path), *argv)
+    assert code == 1 and message in err and "Traceback" not in err
+
+
+def test_bad_milestones_name_the_format(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--preset", "smoke", "--milestones", "a,b"])
+    assert exit_info.value.code == 2
+    assert "comma-separated whole epochs, e.g. 150,180,210; got 'a,b'" in capsys.readouterr().err
+
+
+def test_one_setting_one_run_id():
+    default = make_config("smoke", method="ckd")
+    assert default.method_options["temperature"] == 1.0
+    for value in (1, 1.0):
+        assert make_config("smoke", method="ckd", method_options={"temperature": value}).run_id == default.run_id
+    assert make_config("smoke", method="dcd", method_options={"embed_dim": 128.0}).run_id == \
+        make_config("smoke", method="dcd").run_id
+    with pytest.raises(MethodError, match="not a whole number"):
+        make_config("smoke", method="dcd", method_options={"embed_dim": 12.5})
+
+
+def test_relative_data_dir_is_found_from_the_notebooks_folder(monkeypatch, tmp_path):
+    monkeypatch.chdir(REPO / "notebooks")
+    monkeypatch.setenv("CKD_DATA_DIR", "ckd_study")  # exists relative to the repo root, not to notebooks/
+    assert default_data_root() == REPO / "ckd_study"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ckd_study").mkdir()
+    assert default_data_root() == Path("ckd_study")  # the current directory wins where it exists
+
+
+def test_results_dir_and_debug_work_after_the_command(tmp_path, capsys):
+    code, out, _ = _main(capsys, "list", "--results-dir", str(tmp_path / "empty"))
+    assert code == 0 and str(tmp_path / "empty") in out
+    help_text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "--results-dir" in help_text and "--debug" in help_text and "--precision" in help_text
+
+
+def test_finished_and_resumed_runs_say_so(tmp_path, capsys):
+    results = str(tmp_path / "results")
+    argv = ["train", "--preset", "smoke", "--epochs", "1", "--milestones", "1", "--quiet", "--results-dir", results]
+    code, out, _ = _main(capsys, *argv)
+    assert code == 0 and "already finished" not in out
+    code, out, _ = _main(capsys, *argv)
+    assert code == 0 and "already finished: read from the store, not trained again" in out
+
+
+def test_lock_message_names_the_wait_flag(tmp_path):
+    with run_lock(tmp_path / "run"):
+        with pytest.raises(RunInProgressError, match="--wait"):
+            with run_lock(tmp_path / "run"):
+                pass
+
+
+def test_ctrl_c_is_one_line_and_exit_130(capsys):
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert cli.report_errors(interrupted, debug=False) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "interrupted; rerun the same command to resume from the last saved epoch"
+
+
+def test_closed_output_pipe_is_not_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "ckd_study", "methods"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader left, as `| head` does
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
