@@ -31,7 +31,7 @@ lab: ## start JupyterLab on the notebooks
 	@echo ">> starting JupyterLab in notebooks/"
 	$(VENV)/bin/jupyter lab --notebook-dir=notebooks
 
-reproduce: ## run every notebook in order with papermill into reports/$(PRESET)/ (resumable)
+reproduce: ## run every notebook in order with papermill into reports/<preset>/ (resumable)
 	@echo ">> reproducing the study with PRESET=$(PRESET)"
 	$(PY) -m ckd_study.study reproduce --preset $(PRESET)
 

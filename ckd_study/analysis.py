@@ -483,11 +483,9 @@ def plot_bars(data, *, label: str, value: str, path_stem: str | Path, title: str
                     else (reference or {}))
         refs = {k: v for k, v in refs.items() if not isinstance(v, Mapping) and not _missing(v)}
         finite = np.isfinite(values)
-        if finite.any():
-            lo = min([float(np.min(values[finite] - errors[finite]))] + list(refs.values()))
+        if finite.any():  # bars start at 0: a bar's length is its value (a cut axis exaggerates differences)
             hi = max([float(np.max(values[finite] + errors[finite]))] + list(refs.values()))
-            span = max(hi - lo, 1.0)
-            ax.set_xlim(max(0.0, lo - 0.3 * span), min(100.0, hi + 0.2 * span) if hi <= 100 else hi + 0.2 * span)
+            ax.set_xlim(0.0, min(100.0, 1.12 * hi) if hi <= 100 else 1.12 * hi)
         styles = iter([("#c44e52", "--"), ("#55a868", ":"), ("#8172b2", "-."), ("#937860", "--")])
         for name, ref in refs.items():
             colour, style = next(styles)

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from .config import PRECISIONS, RECIPES, SCHEDULES, ConfigError, RunConfig, available_presets, make_config
+from .config import (PRECISIONS, RECIPES, SCHEDULES, ConfigError, RunConfig, available_presets, make_config,
+                     setting_label)
 from .data import available_datasets
 from .methods import MethodError, available_methods, build_options, method_class
 from .models import available_models, create_model
@@ -241,7 +242,8 @@ def cmd_list(args, store) -> int:
     if not ids:
         print(f"no runs in {store.root / 'runs'}")
         return 0
-    print(f"{'run id':<58} {'status':<11} {'preset':<6} {'prec':<4} {'epochs':>6} {'last top1':>9} {'best top1':>9}")
+    print(f"{'run id':<58} {'status':<11} {'preset':<6} {'prec':<4} {'epochs':>6} {'last top1':>9} {'best top1':>9}"
+          f"  setting (what differs from the preset's default run)")
     for run_id in ids:
         try:
             cfg = store.config(run_id)
@@ -249,7 +251,8 @@ def cmd_list(args, store) -> int:
             last = summary.get("last_top1")
             best = summary.get("best_top1")
             print(f"{run_id:<58} {store.status(run_id):<11} {cfg.preset:<6} {cfg.precision:<4} {cfg.epochs:>6} "
-                  f"{'' if last is None else f'{last:.2f}':>9} {'' if best is None else f'{best:.2f}':>9}")
+                  f"{'' if last is None else f'{last:.2f}':>9} {'' if best is None else f'{best:.2f}':>9}"
+                  f"  {setting_label(cfg) or '-'}")
         except Exception as exc:  # one broken run must not hide the others
             print(f"{run_id:<58} unreadable ({exc})")
     return 0

@@ -322,6 +322,35 @@ def make_config(preset: str = "paper", *, method: str = "ce", teacher: "str | Ru
     return resolve(RunConfig(**fields), device)
 
 
+def setting_label(config: RunConfig) -> str:
+    """What sets a run apart from its preset's default run of the same method, pair and seed, e.g.
+    ``batch_size=128 lr=0.1 terms=['inter']`` ('' for the default run): a short label for listings."""
+    shared = dict(seed=config.seed, precision=config.precision, dataset=config.dataset,
+                  train_per_class=config.train_per_class, test_per_class=config.test_per_class)
+    try:
+        base = make_config(config.preset, method=config.method, teacher=config.teacher, student=config.student,
+                           **shared)
+        if config.teacher is None and config.method == "ce":  # a teacher run or the student alone
+            teacher_run = teacher_config(config.preset, config.student, **shared)
+            if teacher_run == config:
+                return "(teacher recipe)"
+    except (ConfigError, ValueError):  # a preset that no longer exists: show every option
+        base = None
+    ours = config.to_dict()
+    theirs = base.to_dict() if base is not None else {}
+    parts = [f"{k}={_short(v)}" for k, v in ours.items()
+             if k not in ("teacher", "method_options") and base is not None and theirs.get(k) != v]
+    base_options = theirs.get("method_options", {})
+    parts += [f"{k}={_short(v)}" for k, v in ours["method_options"].items() if base_options.get(k) != v]
+    return " ".join(parts)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(str(v) for v in value) + "]"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _method_names() -> list[str]:
     from .methods import available_methods
 

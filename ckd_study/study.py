@@ -47,7 +47,7 @@ from . import analysis
 from .campaign import CAMPAIGN_METHODS
 from .published import PUBLISHED
 from .config import (LOW_LR_STUDENTS, PRECISIONS, PRESETS, RECIPES, ConfigError, RunConfig, available_presets,
-                     make_config)
+                     make_config, setting_label)
 from .methods import MethodError
 from .runs import REPO_ROOT, RunError, RunStore, atomic_write_json, read_json
 
@@ -1013,6 +1013,7 @@ def plan(preset: str, store: RunStore | str | Path | None = None, spec: StudySpe
                          "student": config.student, "teacher": config.teacher.student if config.teacher else None,
                          "seed": config.seed, "batch_size": config.batch_size, "lr": config.base_lr,
                          "epochs": config.epochs, "options": json.dumps(_options_changed(config), sort_keys=True),
+                         "setting": setting_label(config) or "-",
                          "new": config.run_id not in seen, "status": store.status(config.run_id)})
             seen.add(config.run_id)
     return pd.DataFrame(rows)
@@ -1212,7 +1213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         frame = plan(args.preset, args.results_dir)
         with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
-            print(frame[["notebook", "run_id", "options", "new", "status"]].to_string(index=False))
+            print(frame[["notebook", "run_id", "setting", "new", "status"]].to_string(index=False))
         counts = frame.groupby("notebook", sort=False).agg(runs=("run_id", "size"), new=("new", "sum"))
         print("\nruns per notebook (new = not needed by an earlier notebook):")
         print(counts.to_string())

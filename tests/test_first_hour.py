@@ -114,3 +114,47 @@ def test_closed_output_pipe_is_not_a_traceback():
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0, err
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_notebooks_open_with_the_project_kernel():
+    import json
+
+    for path in sorted((REPO / "notebooks").glob("*.ipynb")):
+        spec = json.loads(path.read_text())["metadata"]["kernelspec"]
+        assert spec == {"display_name": "Python (ckd-study)", "language": "python", "name": "ckd-study"}, path.name
+    makefile = (REPO / "Makefile").read_text()
+    assert '--name $(KERNEL) --display-name "Python (ckd-study)"' in makefile and "KERNEL ?= ckd-study" in makefile
+
+
+def test_listings_say_what_sets_runs_apart(tmp_path, capsys):
+    from ckd_study.config import setting_label, teacher_config
+    from ckd_study.study import plan
+
+    assert setting_label(make_config("quick", method="ckd")) == ""
+    assert setting_label(teacher_config("quick")) == "(teacher recipe)"
+    assert setting_label(make_config("quick", method="ckd", batch_size=128, lr=0.1,
+                                     method_options={"terms": ["inter"]})) == "batch_size=128 lr=0.1 terms=[inter]"
+    frame = plan("quick", tmp_path / "results")
+    batch = frame[frame["notebook"] == "03_ablation_batch_size"]
+    assert batch["setting"].str.contains("batch_size=").sum() >= 4  # the batch-size runs no longer all read '{}'
+    inter = frame[frame["setting"] == "terms=[inter]"]
+    assert len(inter) == 1 and inter["method"].iloc[0] == "ckd"
+
+
+def test_bar_charts_start_at_zero(monkeypatch, tmp_path):
+    import pandas as pd
+
+    from ckd_study import analysis
+
+    captured = {}
+    monkeypatch.setattr(analysis, "save_figure", lambda fig, stem: captured.setdefault("fig", fig) and {})
+    data = pd.DataFrame({"method": ["CE", "DKD"], "top1": [12.5, 20.5], "std": [0.4, 0.2]})
+    analysis.plot_bars(data, label="method", value="top1", err="std", path_stem=tmp_path / "bars",
+                       title="t", xlabel="x", reference={"KD": 15.2})
+    lo, hi = captured["fig"].axes[0].get_xlim()
+    assert lo == 0.0 and hi >= 20.7
+
+
+def test_make_help_prints_no_make_syntax():
+    proc = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "$(" not in proc.stdout and "reports/<preset>/" in proc.stdout
