@@ -166,3 +166,20 @@ def test_reference_loop_and_engine_compute_the_same_loss(cached):
     else:
         for (name, a), b in zip(trainer.student.state_dict().items(), ref_student.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} after one SGD step")
+
+
+def test_precision_benchmark_records_both_precisions(tmp_path):
+    import bench_precision
+
+    from ckd_study.config import cpu_has_native_bf16, resolve_precision
+
+    report = bench_precision.main(["--models", "resnet8", "--teachers", "resnet8", "--steps", "1", "--batch-size",
+                                   "4", "--threads", "1", "--json", str(tmp_path / "p.json")])
+    assert json.loads((tmp_path / "p.json").read_text()) == report
+    assert [(r["model"], r["kind"]) for r in report["rows"]] == [("resnet8", "train step"),
+                                                                 ("resnet8", "teacher forward")]
+    for row in report["rows"]:
+        assert row["fp32"] > 0 and row["bf16"] > 0
+        assert row["bf16_over_fp32"] == pytest.approx(row["bf16"] / row["fp32"])
+    assert report["auto_resolves_to"] == resolve_precision("auto", "cpu")
+    assert report["cpu_native_bf16"] == cpu_has_native_bf16()
