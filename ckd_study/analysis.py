@@ -277,7 +277,7 @@ def _numeric_column(series) -> bool:
 
 
 def _write(path: Path, data: bytes) -> Path:
-    from .runs import atomic_write_bytes
+    from .files import atomic_write_bytes
 
     atomic_write_bytes(path, data)
     return path

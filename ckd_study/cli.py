@@ -141,6 +141,11 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     train.add_argument("--data-dir", help="dataset root (default: $CKD_DATA_DIR or data/)")
     train.add_argument("--wait", action="store_true", help="wait for another process training the same run")
+    train.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                       help="with --wait: give up after this long")
+    train.add_argument("--retrain", action="store_true",
+                       help="train the run again from scratch, moving its old folder aside (corrupt weights or "
+                            "records); nothing is deleted")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.add_argument("--dry-run", action="store_true", help="print the resolved config and run id, train nothing")
 
@@ -189,13 +194,14 @@ def cmd_train(args, store) -> int:
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
-    status = store.status(config.run_id)
+    status = "new" if args.retrain else store.status(config.run_id)
     if status == "finished":
         print("already finished: read from the store, not trained again")
     elif status == "interrupted" or store.inflight_dir(config.run_id).exists():
         done = len(store.metrics(config.run_id))
         print(f"resuming from its last checkpoint (epoch {done}/{config.epochs})")
-    summary = run(config, store=store, device=args.device, quiet=args.quiet, wait=args.wait, data_root=args.data_dir)
+    summary = run(config, store=store, device=args.device, quiet=args.quiet, wait=args.wait, data_root=args.data_dir,
+                  wait_timeout=args.wait_timeout, retrain=args.retrain)
     print(f"finished {summary['run_id']}: last top-1 {summary['last_top1']:.2f}%, best {summary['best_top1']:.2f}% "
           f"(epoch {summary['best_epoch']}), {summary['wall_time_s']:.0f} s, {summary['images_per_s']:.0f} img/s")
     print(f"stored in {store.run_dir(summary['run_id'])}")
@@ -238,6 +244,9 @@ def cmd_import_teacher(args, store) -> int:
 
 
 def cmd_list(args, store) -> int:
+    if store.root.exists() and not store.root.is_dir():
+        raise ConfigError(f"results dir {store.root} is a file, not a folder: pass --results-dir (or set "
+                          f"$CKD_RESULTS_DIR) to the folder that holds runs/")
     ids = store.run_ids()
     if not ids:
         print(f"no runs in {store.root / 'runs'}")
@@ -300,9 +309,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .campaign import CampaignError
     from .data import DatasetError, UnknownDatasetError
     from .runs import RunError
+    from .study import StudyError
     from .train import NonFiniteLossError
 
-    return (ConfigError, MethodError, RunError, DatasetError, UnknownDatasetError, CampaignError,
+    return (ConfigError, MethodError, RunError, DatasetError, UnknownDatasetError, CampaignError, StudyError,
             NonFiniteLossError, OSError)
 
 

@@ -16,7 +16,6 @@ checkpoint, and trains otherwise; distillation runs train their teacher first wh
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import platform
@@ -24,6 +23,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import RunConfig, cpu_has_native_bf16
+from .files import FileWriteError, atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
 from .data import NUM_VIEWS, ImageDataset, load_dataset
 from .methods import create_method, method_class
 from .models import ZooModel, create_model
@@ -64,37 +65,6 @@ def default_results_dir() -> Path:
 # ---------------------------------------------------------------------------------------------------------
 # Atomic files
 # ---------------------------------------------------------------------------------------------------------
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(obj: Any, path: Path) -> str:
-    """Save atomically; returns the sha256 of the bytes written."""
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    data = buffer.getvalue()
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
@@ -137,8 +107,22 @@ class RunStore:
         return RunConfig.from_dict(read_json(path)["config"])
 
     def summary(self, run_id: str) -> dict | None:
+        """The finished run's summary (None while unfinished), checked against the config it was trained with:
+        a summary binds the sha256 of its config, so an edited config.json is reported, not believed."""
         path = self.run_dir(run_id) / "summary.json"
-        return read_json(path) if path.exists() else None
+        if not path.exists():
+            return None
+        summary = read_json(path)
+        bound = summary.get("config_sha256")
+        if bound is not None:
+            config_path = self.run_dir(run_id) / "config.json"
+            actual = sha256_json(read_json(config_path)["config"]) if config_path.exists() else None
+            if actual != bound:
+                raise RunError(f"{config_path} does not hold the config run {run_id} was trained with (it was "
+                               f"{'removed' if actual is None else 'changed'} after the run finished); its results "
+                               f"are not used. Restore the file (e.g. `git checkout -- {config_path}`), or retrain "
+                               f"with `python -m ckd_study train --config <a config.json> --retrain`")
+        return summary
 
     def metrics(self, run_id: str) -> list[dict]:
         path = self.run_dir(run_id) / "metrics.jsonl"
@@ -154,12 +138,18 @@ class RunStore:
         return rows
 
     def status(self, run_id: str) -> str:
+        """``finished``, ``running`` (a live process on this host holds the lock), ``locked elsewhere`` (a
+        process on another host holds it), ``interrupted`` (a checkpoint, no live lock: a stale lock of a dead
+        process is ignored) or ``new``."""
         d = self.run_dir(run_id)
         if (d / "summary.json").exists():
             return "finished"
-        if _lock_owner(d / "run.lock") is not None:
-            return "running"
-        return "interrupted" if (d / "checkpoints" / "latest.pt").exists() else "new"
+        owner = _lock_owner(d / "run.lock")
+        if owner is not None:
+            return "running" if owner.get("host") == socket.gethostname() else "locked elsewhere"
+        if (d / "checkpoints" / "latest.pt").exists() or (d / "inflight" / "manifest.json").exists():
+            return "interrupted"
+        return "new"
 
     # -- in-flight checkpoints that travel with the repo (a campaign spans machines) ------------------------
     INFLIGHT_PART_BYTES = 3 << 20  # parts well under the repo's 5 MiB per file
@@ -224,13 +214,15 @@ class RunStore:
                    f"--preset {config.preset}` after moving {self.run_dir(run_id)} away, or "
                    if config.teacher is None else "")
             raise RunError(f"run {run_id!r} has finished but its weights {path} are missing (checkpoints of "
-                           f"students are not committed); {how}retrain it: move {self.run_dir(run_id)} away and run "
-                           f"`python -m ckd_study train --config <moved folder>/config.json`")
+                           f"students are not committed); {how}retrain it with `python -m ckd_study train --config "
+                           f"{self.run_dir(run_id)}/config.json --retrain` (the old folder is kept aside)")
         actual = sha256_file(path)
         if actual != summary["final_sha256"]:
             raise RunError(f"checkpoint {path} has sha256 {actual[:12]}…, but the run recorded "
                            f"{summary['final_sha256'][:12]}…: the weights were changed or corrupted. "
-                           f"Nothing was deleted; restore the file or retrain the run.")
+                           f"Nothing was deleted; restore the file, or retrain the run with `python -m ckd_study "
+                           f"train --config {self.run_dir(run_id)}/config.json --retrain` (the old folder is kept "
+                           f"aside)")
         ckpt = load_checkpoint(path)
         num_classes = ckpt["num_classes"]
         model = create_model(config.student, num_classes)
@@ -241,45 +233,86 @@ class RunStore:
 # ---------------------------------------------------------------------------------------------------------
 # Locks: one process trains a run at a time
 # ---------------------------------------------------------------------------------------------------------
+def process_start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, /proc/<pid>/stat field 22; None where /proc
+    is missing or the process is gone): with the pid, it identifies a process even after its pid is reused."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
 def _lock_owner(path: Path) -> dict | None:
-    """The live owner of a lock file, or None when there is no lock or its process is gone."""
+    """The live owner of a lock file, or None when there is no lock or its owner is gone (a dead process, or a
+    reused pid: the start time differs). An owner on another host cannot be checked and counts as live."""
     try:
         owner = json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return None  # locks are written whole before they appear (see run_lock): unreadable means corrupt
+    if not isinstance(owner, dict):
         return None
     if owner.get("host") == socket.gethostname():
         try:
             os.kill(int(owner["pid"]), 0)
         except ProcessLookupError:
             return None  # stale: the process died (killed runs leave their lock behind)
-        except PermissionError:
+        except (PermissionError, KeyError, ValueError, TypeError):
             pass
+        started = owner.get("started")
+        if started is not None and process_start_time(int(owner["pid"])) not in (None, started):
+            return None  # the pid now belongs to another process
     return owner
 
 
+def _describe_owner(owner: dict) -> str:
+    return f"process {owner.get('pid')} on {owner.get('host')} (since {owner.get('since_utc', '?')})"
+
+
 @contextmanager
-def run_lock(run_dir: Path, wait: bool = False, poll_s: float = 1.0) -> Iterator[None]:
+def run_lock(run_dir: Path, wait: bool = False, poll_s: float = 1.0, timeout_s: float | None = None,
+             on_wait=None) -> Iterator[None]:
+    """Hold ``run_dir/run.lock`` while the block runs: one process trains a run at a time.
+
+    The lock file appears atomically with its owner's identity in it (written to a temporary file, then
+    hard-linked into place, which fails if a lock exists), so a lock is never seen empty; a lock whose owner is
+    dead or whose pid was reused is taken over. ``wait=True`` polls until the lock is free (``timeout_s``: give
+    up with :class:`RunInProgressError`); ``on_wait(owner)`` is called once, when waiting starts.
+    """
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "run.lock"
-    me = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()})
-    while True:
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            owner = _lock_owner(path)
-            if owner is None:  # stale lock of a dead process: take it over
-                path.unlink(missing_ok=True)
-                continue
-            if not wait:
-                raise RunInProgressError(
-                    f"run {run_dir.name} is being trained by process {owner.get('pid')} on {owner.get('host')}; "
-                    f"wait for it (`--wait`; from Python run(..., wait=True)) or, if that process is gone, remove "
-                    f"{path}") from None
-            time.sleep(poll_s)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(me)
-        break
+    pid = os.getpid()
+    me = {"pid": pid, "host": socket.gethostname(), "started": process_start_time(pid), "since": time.time(),
+          "since_utc": utc_now()}
+    tmp = run_dir / f".run.lock.{pid}.tmp"
+    atomic_write_json(tmp, me)
+    waited_since = None
+    try:
+        while True:
+            try:
+                os.link(tmp, path)
+                break
+            except FileExistsError:
+                owner = _lock_owner(path)
+                if owner is None:  # stale lock of a dead process: take it over
+                    path.unlink(missing_ok=True)
+                    continue
+                if not wait:
+                    raise RunInProgressError(
+                        f"run {run_dir.name} is being trained by {_describe_owner(owner)}; wait for it (`--wait`; "
+                        f"from Python run(..., wait=True)) or, if that process is gone, remove {path}") from None
+                if waited_since is None:
+                    waited_since = time.monotonic()
+                    if on_wait is not None:
+                        on_wait(owner)
+                if timeout_s is not None and time.monotonic() - waited_since > timeout_s:
+                    raise RunInProgressError(f"gave up after waiting {timeout_s:g} s for run {run_dir.name}, "
+                                             f"held by {_describe_owner(owner)}") from None
+                time.sleep(poll_s)
+    finally:
+        tmp.unlink(missing_ok=True)
     try:
         yield
     finally:
@@ -364,11 +397,14 @@ def dataset_for(config: RunConfig, device: torch.device, data_root: str | Path |
 
 def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch.device | None = None,
         quiet: bool = False, wait: bool = False, data_root: str | Path | None = None,
-        step_hook=None, stop_at: float | None = None, on_epoch=None) -> dict:
+        step_hook=None, stop_at: float | None = None, on_epoch=None, wait_timeout: float | None = None,
+        retrain: bool = False) -> dict:
     """Train ``config`` (resuming if interrupted) unless it already finished; return its summary.
 
     ``wait=True`` waits for another process that holds the run's lock instead of raising
-    :class:`RunInProgressError`. ``stop_at`` (a ``time.time()`` deadline) stops the run cleanly, after a saved
+    :class:`RunInProgressError` (saying who holds it on stderr; ``wait_timeout`` seconds at most).
+    ``retrain=True`` moves the run's folder aside (``<run id>.replaced-<time>``, nothing is deleted) and trains
+    it again: the way back from corrupt weights or records. ``stop_at`` (a ``time.time()`` deadline) stops the run cleanly, after a saved
     epoch, when the next epoch would not end before it (estimated from the last epoch), raising
     :class:`RunPaused`; ``on_epoch(config, record)`` is called after every saved epoch (progress reports).
     """
@@ -377,6 +413,12 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
     store = store or RunStore()
     run_id = config.run_id
     run_dir = store.run_dir(run_id)
+    if retrain and run_dir.exists():
+        with run_lock(run_dir):
+            aside = run_dir.with_name(f"{run_id}.replaced-{utc_now().replace(':', '')}")
+            os.replace(run_dir, aside)
+        (aside / "run.lock").unlink(missing_ok=True)
+        print(f"moved the old run folder aside to {aside}", file=sys.stderr)
     finished = store.summary(run_id) if (run_dir / "summary.json").exists() else None
     if finished is not None:
         return finished
@@ -384,10 +426,15 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
     teacher_summary = None
     if config.teacher is not None:
         teacher_summary = run(config.teacher, store=store, device=device, quiet=quiet, wait=wait,
-                              data_root=data_root, stop_at=stop_at, on_epoch=on_epoch)
+                              data_root=data_root, stop_at=stop_at, on_epoch=on_epoch, wait_timeout=wait_timeout)
+
+    def waiting(owner: dict) -> None:
+        print(f"waiting for run {run_id}, held by {_describe_owner(owner)}"
+              + (f" (at most {wait_timeout:g} s)" if wait_timeout is not None else ""), file=sys.stderr, flush=True)
 
     created = not run_dir.exists()
-    with run_lock(run_dir, wait=wait), _removed_on_failure(run_dir if created else None):
+    with run_lock(run_dir, wait=wait, timeout_s=wait_timeout, on_wait=waiting), \
+            _removed_on_failure(run_dir if created else None):
         finished = store.summary(run_id)  # another process may have finished it while we waited
         if finished is not None:
             return finished
@@ -421,16 +468,17 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             trainer.load_state_dict(ckpt)
         # Metric lines past the checkpoint come from an epoch that was killed before it was saved.
         _write_metrics(run_dir, trainer.state.history)
-        atomic_write_json(run_dir / "environment.json", environment_record(setup))
+        _record_attempt(run_dir, environment_record(setup))
 
         teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
         started = time.perf_counter()
 
         def save(tr: Trainer, record: dict) -> None:
-            _write_metrics(run_dir, tr.state.history)
+            # The checkpoint first, then the metrics it describes: metrics never run ahead of the checkpoint.
             ckpt = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "teacher_sha256": teacher_sha,
                     "wall_time_s": wall_before + time.perf_counter() - started, **tr.state_dict()}
             atomic_torch_save(ckpt, latest)
+            _write_metrics(run_dir, tr.state.history)
             if on_epoch is not None:
                 on_epoch(config, record)
 
@@ -443,7 +491,11 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
 
         state = trainer.fit(on_epoch_end=save, keep_going=keep_going)
         if hasattr(teacher_source, "save"):  # keep the teacher outputs this run computed for later runs
-            teacher_source.save()
+            try:
+                teacher_source.save()
+            except OSError as exc:  # an optional write: warn, never cost the run
+                warnings.warn(f"the teacher cache was not saved ({exc}); later runs recompute what it "
+                              f"held", stacklevel=2)
         if state.epoch < config.epochs:
             raise RunPaused(run_id, state.epoch, config.epochs)
         final = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model_name": config.student,
@@ -479,6 +531,8 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             "finished_at": utc_now(),
             "device": str(setup.device),
             "precision": setup.precision,
+            "config_sha256": sha256_json(config.to_dict()),  # binds the record to config.json (checked on read)
+            "attempts": len(_attempts(run_dir)),
         }
         atomic_write_json(run_dir / "summary.json", summary)
         store.remove_inflight(run_id)  # a finished run keeps its records, not its in-flight checkpoint
@@ -577,6 +631,27 @@ def _teacher_source(config, teacher_model, teacher_summary, data, setup, store):
         return live
     return cached_teacher_source(live, method_class(config.method).teacher_outputs, teacher_summary, data,
                                  setup, store) or live
+
+
+def _attempts(run_dir: Path) -> list[dict]:
+    path = run_dir / "attempts.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip().startswith("{")]
+
+
+def _record_attempt(run_dir: Path, record: dict) -> None:
+    """Provenance per attempt: each start or resume appends its environment to ``attempts.jsonl``;
+    ``environment.json`` keeps the first attempt's (recreated from the log, with a warning, if it vanished)."""
+    attempts = _attempts(run_dir)
+    env_path = run_dir / "environment.json"
+    if attempts and not env_path.exists():
+        warnings.warn(f"{env_path} was missing; recreated from the first attempt in attempts.jsonl", stacklevel=3)
+        atomic_write_json(env_path, attempts[0])
+    elif not env_path.exists():
+        atomic_write_json(env_path, record)
+    lines = "".join(json.dumps(a) + "\n" for a in [*attempts, record])
+    atomic_write_bytes(run_dir / "attempts.jsonl", lines.encode())
 
 
 def _check_or_write_config(run_dir: Path, config: RunConfig) -> None:

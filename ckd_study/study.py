@@ -1161,7 +1161,17 @@ def _campaign_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ckd_study.study",
+    """``python -m ckd_study.study``: user errors print one message (``--debug``: the traceback), as in
+    ``python -m ckd_study``."""
+    from .cli import report_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    return report_errors(lambda: _main([a for a in argv if a != "--debug"]), debug)
+
+
+def _main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ckd_study.study", epilog="--debug: show tracebacks",
                                      description="Run the study's notebooks, rebuild its tables and figures.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -4,7 +4,9 @@ The standard augmentation has exactly 162 views per image (9×9 crop offsets × 
 The frozen teacher in eval mode maps each (sample, view) to fixed outputs, so its logits and pooled features
 can be computed once and looked up by ``sample * 162 + view`` instead of running the teacher every step.
 
-Values are stored in float16, on disk and on the training device. Every lookup returns the float16-rounded
+Values are stored in float16, on disk and on the training device. A file on disk carries a checksum per block of
+``CHECK_BLOCK`` entries; a block that fails it on load is dropped (and recomputed when needed) and the file is
+rewritten, so a damaged cache never becomes a silent wrong number. Every lookup returns the float16-rounded
 values, whether they were cached before or computed on a miss, and every value is computed the same way: in a
 teacher call of exactly ``CANONICAL_BATCH`` images (the missing views of a batch, zero-padded; kernels can
 round the last float32 bit differently at different batch sizes, which could flip a float16 rounding). So a
@@ -34,7 +36,8 @@ from .data import NUM_VIEWS, Batch, ImageDataset, augment, decode_views
 from .models import ModelOutput
 
 CACHEABLE = frozenset({"logits", "pooled"})
-CACHE_FORMAT = 2  # 2: values computed in canonical batches (format 1 files are rebuilt)
+CACHE_FORMAT = 3  # 2: values computed in canonical batches; 3: per-block checksums (older files are rebuilt)
+CHECK_BLOCK = 1 << 16  # entries per checksum block: a corrupt block costs at most this many recomputed views
 CANONICAL_BATCH = 64  # every cached value comes from a teacher call of exactly this many images
 
 
@@ -51,6 +54,20 @@ def canonical_outputs(forward, images: torch.Tensor, names) -> dict[str, torch.T
         for name in names:
             parts[name].append(getattr(out, name)[:real].float())
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def block_checksums(keys: torch.Tensor, values: dict[str, torch.Tensor], block: int = CHECK_BLOCK) -> list[str]:
+    """A blake2b digest of every ``block`` entries (their keys and every value table's rows, in name order):
+    what a cache file stores beside its values, and checks on load."""
+    keys = keys.cpu()
+    digests = []
+    for start in range(0, len(keys), block):
+        h = hashlib.blake2b(digest_size=16)
+        h.update(keys[start:start + block].numpy().tobytes())
+        for name in sorted(values):
+            h.update(values[name][start:start + block].cpu().numpy().tobytes())
+        digests.append(h.hexdigest())
+    return digests
 
 
 class TeacherOutputCache:
@@ -83,22 +100,25 @@ class TeacherOutputCache:
             table[keys] = outputs[name].to(torch.float16)
         self.filled[keys] = True
 
-    # -- disk: only the filled entries, merged with what is on disk ---------------------------------
+    # -- disk: only the filled entries, merged with what is on disk, with per-block checksums ----------
     def save(self, path: Path) -> None:
-        from .runs import atomic_write_bytes
+        from .files import atomic_write_bytes
 
         if path.exists():
             self.merge_from(path)
-        keys = self.filled.nonzero().squeeze(1)
-        payload = {"format": CACHE_FORMAT, "num_samples": self.num_samples, "dims": self.dims,
-                   "keys": keys.cpu(), "values": {n: t[keys].cpu() for n, t in self.values.items()}}
+        keys = self.filled.nonzero().squeeze(1).cpu()
+        values = {n: t[keys.to(t.device)].cpu() for n, t in self.values.items()}
+        payload = {"format": CACHE_FORMAT, "num_samples": self.num_samples, "dims": self.dims, "keys": keys,
+                   "values": values, "check_block": CHECK_BLOCK, "checksums": block_checksums(keys, values)}
         buffer = io.BytesIO()
         torch.save(payload, buffer)
         atomic_write_bytes(path, buffer.getvalue())
 
     def merge_from(self, path: Path) -> bool:
-        """Load the entries stored at ``path``; an unreadable or incompatible file is ignored (it is
-        derived data and will be rewritten), with a warning."""
+        """Load the entries stored at ``path`` whose block checksum verifies. An unreadable or incompatible file
+        is ignored, and the entries of a block that fails its checksum are dropped (the file holds derived
+        data: what is dropped is recomputed when needed), each with a warning. Returns False when the file
+        was not used whole (the caller rewrites it)."""
         try:
             payload = torch.load(path, map_location="cpu", weights_only=True)
             ok = (payload.get("format") == CACHE_FORMAT and payload["num_samples"] == self.num_samples
@@ -109,9 +129,21 @@ class TeacherOutputCache:
         if not ok:
             warnings.warn(f"teacher cache {path} does not fit this teacher/dataset; it will be rebuilt", stacklevel=2)
             return False
-        keys = payload["keys"].to(self.device)
-        self.put(keys, {n: v.to(self.device) for n, v in payload["values"].items()})
-        return True
+        keys, values = payload["keys"], payload["values"]
+        block = payload["check_block"]
+        stored = payload["checksums"]
+        actual = block_checksums(keys, values, block)
+        good = torch.ones(len(keys), dtype=torch.bool)
+        bad_blocks = [i for i, (a, b) in enumerate(zip(actual, stored)) if a != b] + \
+            list(range(len(stored), len(actual)))
+        for i in bad_blocks:
+            good[i * block:(i + 1) * block] = False
+        if bad_blocks:
+            warnings.warn(f"teacher cache {path}: {len(bad_blocks)} of {len(actual)} blocks failed their checksum; "
+                          f"their {int((~good).sum())} entries were dropped and will be recomputed", stacklevel=2)
+        keys = keys[good].to(self.device)
+        self.put(keys, {n: v[good].to(self.device) for n, v in values.items()})
+        return not bad_blocks
 
     @torch.no_grad()
     def fill_all(self, live, data: ImageDataset, batch_size: int = 1024,
@@ -187,8 +219,11 @@ def cached_teacher_source(live, needed_outputs, teacher_summary, data: ImageData
     dims = {"logits": model.num_classes, "pooled": model.pooled_dim}
     cache = TeacherOutputCache(len(data.x_train), dims, setup.device)
     path = cache_path(store.root, teacher_summary["final_sha256"], data, setup.precision)
-    if path.exists():
-        cache.merge_from(path)
+    if path.exists() and not cache.merge_from(path):
+        try:  # rewrite a damaged file now, so no later run meets it
+            cache.save(path)
+        except OSError as exc:
+            warnings.warn(f"could not rewrite the teacher cache {path} ({exc})", stacklevel=2)
     return CachedTeacher(live, cache, path)
 
 

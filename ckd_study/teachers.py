@@ -25,8 +25,9 @@ import torch
 from .config import RunConfig, teacher_config
 from .models import create_model
 from .published import published_teacher_top1
-from .runs import (CHECKPOINT_FORMAT, RunError, RunStore, _check_or_write_config, _write_metrics, atomic_torch_save,
-                   atomic_write_json, dataset_for, environment_record, run_lock, utc_now)
+from .files import atomic_torch_save, atomic_write_json, sha256_json
+from .runs import (CHECKPOINT_FORMAT, RunError, RunStore, _check_or_write_config, _record_attempt, _write_metrics,
+                   dataset_for, environment_record, run_lock, utc_now)
 
 PUBLISHED_TOLERANCE_PP = 1.0  # warn when the measured top-1 is further than this from the published one
 
@@ -115,7 +116,7 @@ def import_teacher(path: str | Path, model: str, *, preset: str = "paper", store
         record = {"epoch": config.epochs, "imported": True, **{f"test_{k}": v for k, v in test.items()},
                   "eval_time_s": seconds}
         _write_metrics(run_dir, [record])
-        atomic_write_json(run_dir / "environment.json", environment_record(setup))
+        _record_attempt(run_dir, environment_record(setup))
         final = {"format": CHECKPOINT_FORMAT, "run_id": config.run_id, "model_name": model,
                  "num_classes": data.num_classes, "model": net.cpu().state_dict()}
         final_sha = atomic_torch_save(final, run_dir / "checkpoints" / "final.pt")
@@ -128,6 +129,7 @@ def import_teacher(path: str | Path, model: str, *, preset: str = "paper", store
             "best_top5": test["top5"], "best_epoch": config.epochs, "train_time_s": 0.0, "wall_time_s": seconds,
             "images_per_s": None, "teacher_source": None, "final_sha256": final_sha, "finished_at": utc_now(),
             "device": str(setup.device), "precision": setup.precision,
+            "config_sha256": sha256_json(config.to_dict()),
             "imported": {"file": Path(path).name, "format": fmt, "file_sha256": file_sha,
                          "published_top1": published},
         }
