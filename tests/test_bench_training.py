@@ -28,7 +28,7 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys, in_process):
     out = tmp_path / "bench.json"
     report = bt.main(TINY + ["--json", str(out)] + (["--in-process"] if in_process else []))
     stored = json.loads(out.read_text())
-    assert stored["variants"].keys() == set(bt.VARIANTS)
+    assert stored["variants"].keys() == set(bt.default_variants("cpu"))
     for key in ("settings", "flops_per_image", "variants", "ratios", "target", "notes", "device", "versions",
                 "ckd", "recipe"):
         assert key in stored, key
@@ -48,11 +48,28 @@ def test_benchmark_runs_end_to_end(tmp_path, capsys, in_process):
     assert cache["fill_views"] == 24 and cache["fill_s_per_view"] > 0
     assert cached["teacher_forwards_per_image"] == 0.0
     assert cached["executed_gflop_per_s"] < cached["useful_gflop_per_s"]
-    assert set(stored["ratios"]) == {"ours_live/reference", "ours_cached/reference"}
-    assert stored["target"]["threshold"] == 2.0 and isinstance(stored["target"]["met"], bool)
+    assert set(stored["ratios"]) == {f"{v}/reference" for v in bt.default_variants("cpu") if v != "reference"}
+    assert stored["target"]["thresholds"] == {"ours_live": 2.0, "ours_cached": 5.0}
+    assert stored["target"]["met"] == all(stored["ratios"][f"{v}/reference"] >= t
+                                          for v, t in stored["target"]["thresholds"].items())
     assert report["variants"].keys() == stored["variants"].keys()
     printed = capsys.readouterr().out
-    assert "| reference |" in printed and "| ours_cached |" in printed and "Target on CPU" in printed
+    assert "| reference | fp32 |" in printed and "| ours_cached |" in printed and "Targets on CPU" in printed
+
+
+def test_precision_variants_run_at_their_precision(tmp_path, monkeypatch):
+    from ckd_study.config import resolve_precision
+
+    assert [bt.variant_precision(v) for v in ("ours_live", "ours_cached_fp32", "ours_live_bf16")] == \
+        ["auto", "fp32", "bf16"]
+    monkeypatch.setenv("CKD_CPU_BF16", "1")
+    assert bt.default_variants("cpu")[-2:] == ["ours_live_fp32", "ours_cached_fp32"]
+    monkeypatch.setenv("CKD_CPU_BF16", "0")
+    assert bt.default_variants("cpu") == ["reference", "ours_live", "ours_cached"]
+    stored = bt.main(TINY + ["--in-process", "--variants", "ours_live,ours_live_bf16", "--json", str(tmp_path / "b.json")])
+    assert stored["variants"]["ours_live"]["precision"] == resolve_precision("auto", "cpu") == "fp32"
+    assert stored["variants"]["ours_live_bf16"]["precision"] == "bf16"
+    assert "bfloat16" in stored["variants"]["ours_live_bf16"]["execution"]
 
 
 def test_variants_flag_selects_variants(tmp_path):
