@@ -749,7 +749,8 @@ def main(argv=None) -> dict:
     report["wall_seconds"] = time.perf_counter() - t_start
 
     print(markdown(report))
-    path = args.json or HERE / "results" / f"bench_training_{device.type}.json"
+    pair = "" if (args.teacher, args.student) == ("resnet32x4", "resnet8x4") else f"_{args.teacher}-{args.student}"
+    path = args.json or HERE / "results" / f"bench_training_{device.type}{pair}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     print(f"\n(wrote {path}; {report['wall_seconds']:.0f} s in all)", file=sys.stderr)
