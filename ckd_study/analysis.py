@@ -338,8 +338,10 @@ def _suptitle(fig, title: str, fontsize: float = 10) -> None:
 
 
 def _grid(n: int, max_cols: int = 4) -> tuple[int, int]:
-    cols = min(n, max_cols)
-    return int(math.ceil(n / cols)), cols
+    """(rows, cols) for ``n`` panels, at most ``max_cols`` a row, spread evenly (6 panels: 2 x 3, not 2 x 4
+    with two empty panels)."""
+    rows = int(math.ceil(n / max_cols))
+    return rows, int(math.ceil(n / rows))
 
 
 def plot_heatmaps(matrices: Mapping[str, Any], path_stem: str | Path, *, title: str, vmax: float = HEATMAP_VMAX,
@@ -365,7 +367,7 @@ def plot_heatmaps(matrices: Mapping[str, Any], path_stem: str | Path, *, title: 
         ax.tick_params(labelsize=7)
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.colorbar(image, ax=axes[:n].tolist(), shrink=0.8, label=f"{colorbar_label}, clipped at {vmax:g}")
+    fig.colorbar(image, ax=axes[:n].tolist(), shrink=0.8, pad=0.02, label=f"{colorbar_label}, clipped at {vmax:g}")
     _suptitle(fig, title)
     return save_figure(fig, path_stem)
 
@@ -444,7 +446,10 @@ def _lines_on(ax, data, *, x, y, hue, yerr=None, logx=False, xlabel="", ylabel="
     for name, group in data.groupby(hue, sort=False):
         group = group.sort_values(x)
         err = group[yerr].fillna(0).to_numpy() if yerr else None
-        ax.errorbar(group[x].to_numpy(), group[y].to_numpy(), yerr=err, marker="o", capsize=3, label=str(name))
+        if err is not None and (err > 0).any():
+            ax.errorbar(group[x].to_numpy(), group[y].to_numpy(), yerr=err, marker="o", capsize=3, label=str(name))
+        else:  # one seed: no spread to show, so no error-bar markers (in the plot or the legend)
+            ax.plot(group[x].to_numpy(), group[y].to_numpy(), marker="o", label=str(name))
     if logx:
         ax.set_xscale("log", base=2)
         ticks = sorted(data[x].unique())

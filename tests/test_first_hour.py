@@ -158,3 +158,27 @@ def test_bar_charts_start_at_zero(monkeypatch, tmp_path):
 def test_make_help_prints_no_make_syntax():
     proc = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "$(" not in proc.stdout and "reports/<preset>/" in proc.stdout
+
+
+def test_figure_grids_have_no_empty_panels_and_one_seed_has_no_error_bars(monkeypatch, tmp_path):
+    import numpy as np
+    import pandas as pd
+    from matplotlib.container import ErrorbarContainer
+
+    from ckd_study import analysis
+
+    figures = []
+    monkeypatch.setattr(analysis, "save_figure", lambda fig, stem: figures.append(fig) or {})
+    matrices = {f"m{i}": np.random.default_rng(i).random((5, 5)) for i in range(6)}
+    analysis.plot_heatmaps(matrices, tmp_path / "h", title="t")
+    panels = [ax for ax in figures[-1].axes if ax.images]
+    assert len(panels) == 6 and all(ax.get_visible() for ax in figures[-1].axes)
+    assert analysis._grid(6) == (2, 3) and analysis._grid(4) == (1, 4) and analysis._grid(7) == (2, 4)
+    one_seed = pd.DataFrame({"t": [0.5, 1.0], "top1": [10.0, 12.0], "std": [float("nan")] * 2, "m": ["ckd"] * 2})
+    analysis.plot_lines(one_seed, x="t", y="top1", hue="m", yerr="std", path_stem=tmp_path / "l", title="t",
+                        xlabel="x", ylabel="y")
+    assert not any(isinstance(c, ErrorbarContainer) for c in figures[-1].axes[0].containers)
+    two_seeds = one_seed.assign(std=[0.3, 0.2])
+    analysis.plot_lines(two_seeds, x="t", y="top1", hue="m", yerr="std", path_stem=tmp_path / "l2", title="t",
+                        xlabel="x", ylabel="y")
+    assert any(isinstance(c, ErrorbarContainer) for c in figures[-1].axes[0].containers)
