@@ -189,8 +189,10 @@ def test_save_table_writes_csv_markdown_and_latex(tmp_path):
     df = pd.DataFrame({"T → S": ["a → b"], "method": ["KD+LS_1"], "top-1 (%)": ["71.00 ± 1.00"], "n": [3]})
     paths = analysis.save_table(df, tmp_path / "sub" / "table", latex=True, caption="Top-1 (%) & more")
     assert set(paths) == {"csv", "md", "tex"}
-    assert pd.read_csv(paths["csv"]).equals(pd.read_csv(paths["csv"]))
+    # the CSV holds exactly the frame: header and row as written by hand, no index column, UTF-8
+    assert paths["csv"].read_text(encoding="utf-8") == "T → S,method,top-1 (%),n\na → b,KD+LS_1,71.00 ± 1.00,3\n"
     back = pd.read_csv(paths["csv"])
+    pd.testing.assert_frame_equal(back, df)
     assert list(back.columns) == list(df.columns) and back.iloc[0]["top-1 (%)"] == "71.00 ± 1.00"
     md = paths["md"].read_text()
     assert md.startswith("**Table.** Top-1 (%) & more") and "| T → S" in md and "71.00 ± 1.00" in md

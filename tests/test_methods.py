@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ import torch
 from ckd_study.config import make_config
 from ckd_study.data import Batch, load_dataset
 from ckd_study.methods import MethodError, available_methods, build_options, create_method, method_class
-from ckd_study.models import create_model
+from ckd_study.models import ModelOutput, create_model
 from ckd_study.train import DeviceSetup, LiveTeacher, Trainer
 
 PAIRS = [("resnet14", "resnet8"), ("wrn_16_2", "wrn_16_1")]
@@ -82,7 +83,8 @@ def test_extra_modules_are_sized_from_the_models_and_reach_the_optimiser(name):
     setup = DeviceSetup.for_device("cpu")
     trainer = Trainer(config, data, student, method, LiveTeacher(teacher, setup), setup, quiet=True)
     optimised = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
-    assert method.parameters() and all(id(p) in optimised for p in method.parameters())
+    owned = list(method.parameters())
+    assert owned and all(id(p) in optimised for p in owned)
     assert all(id(p) in optimised for p in student.parameters())
     assert not any(id(p) in optimised for p in teacher.parameters())
 
@@ -245,7 +247,15 @@ def test_teacherless_and_teacher_requirements():
     teacher, student = _pair("resnet14", "resnet8")
     with pytest.raises(MethodError, match="teacher"):
         create_method("kd", student, None)
-    assert create_method("ce", student).loss_terms is not None
+    ce = create_method("ce", student)
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]])
+    labels = torch.tensor([0, 2])
+    out = ModelOutput(logits=logits, feats=[], preact_feats=[], pooled=torch.zeros(2, student.pooled_dim))
+    terms = ce(out, None, labels, None, 1)
+    # mean of log(sum_c exp(z_c)) - z_y, by hand
+    expected = (math.log(math.exp(2.0) + 1.0 + math.exp(-1.0)) - 2.0
+                + math.log(math.exp(0.5) + math.exp(1.5) + 1.0) - 0.0) / 2
+    assert set(terms) == {"ce"} and float(terms["ce"]) == pytest.approx(expected, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))

@@ -30,14 +30,19 @@ pytestmark = pytest.mark.skipif(not (COMMITTED / "main_table.csv").exists(),
                                 reason="no committed quick-preset outputs in figures/quick/")
 
 
+_DATA_DIR_BEFORE = os.environ.get("CKD_DATA_DIR")
+
+
 @pytest.fixture(scope="module")
 def rebuilt(tmp_path_factory, cifar_root) -> Path:
-    os.environ["CKD_DATA_DIR"] = str(cifar_root)  # where plan() finds the dataset
-    assert _committed_store_complete(), "figures/quick exists but results/ lacks finished quick runs"
-    tmp = tmp_path_factory.mktemp("fresh")
-    # A fresh clone: the store without checkpoints or teacher caches (they are never committed).
-    shutil.copytree(REPO / "results", tmp / "results", ignore=shutil.ignore_patterns("checkpoints", "cache", "*.lock"))
-    study.rebuild_figures("quick", store=tmp / "results", figures_dir=tmp / "figures", verbose=False)
+    with pytest.MonkeyPatch.context() as mp:  # restored afterwards: later test modules see the caller's value
+        mp.setenv("CKD_DATA_DIR", str(cifar_root))  # where plan() finds the dataset
+        assert _committed_store_complete(), "figures/quick exists but results/ lacks finished quick runs"
+        tmp = tmp_path_factory.mktemp("fresh")
+        # A fresh clone: the store without checkpoints or teacher caches (they are never committed).
+        shutil.copytree(REPO / "results", tmp / "results",
+                        ignore=shutil.ignore_patterns("checkpoints", "cache", "*.lock"))
+        study.rebuild_figures("quick", store=tmp / "results", figures_dir=tmp / "figures", verbose=False)
     return tmp / "figures" / "quick"
 
 
@@ -59,3 +64,7 @@ def test_readme_shows_the_committed_main_table():
     readme = (REPO / "README.md").read_text()
     table_lines = [line for line in (COMMITTED / "main_table.md").read_text().splitlines() if line.startswith("|")]
     assert table_lines and all(line in readme for line in table_lines)
+
+
+def test_rebuilding_leaves_the_environment_as_it_was(rebuilt):
+    assert os.environ.get("CKD_DATA_DIR") == _DATA_DIR_BEFORE
