@@ -202,8 +202,8 @@ def test_waiting_for_a_lock_held_by_a_live_process_then_training(tmp_path, capsy
             with run_lock(run_dir):
                 pass  # pragma: no cover
         assert local.status(config.run_id) == "running"
-        (marks / "go").write_text("1")  # the holder keeps the lock one more second
         asked = time.time()
+        (marks / "go").write_text("1")  # the holder keeps the lock one more second
         first_step: list[float] = []
         summary = run(config, store=local, quiet=True, wait=True,
                       step_hook=lambda tr, e, s: first_step.append(time.time()))
@@ -283,7 +283,7 @@ def test_best_epoch_with_eval_every(tmp_path, monkeypatch):
 # Resume equals uninterrupted: DCD (learnable θ, heads) under the cosine schedule
 # ---------------------------------------------------------------------------------------------------------
 def test_dcd_cosine_resume_equals_uninterrupted(tmp_path, store, teacher_summary):
-    config = _student(method="dcd", epochs=3, milestones=(3,), schedule="cosine", deterministic=True)
+    config = _student(method="dcd", epochs=2, milestones=(2,), schedule="cosine", deterministic=True)
     assert config.method_options["fixed_temperature"] is None  # θ is learned
     reference = run(config, store=store, quiet=True)
     local = _local_store(tmp_path, store, teacher_summary)
