@@ -559,7 +559,7 @@ class DCDOptions:
 class DCD(Method):
     name = "dcd"
     Options = DCDOptions
-    teacher_outputs = frozenset({"pooled"})
+    teacher_outputs = frozenset({"pooled", "logits"})  # logits: the optional KD term (kd_weight > 0)
 
     def __init__(self, student, teacher, options, num_train, train_labels=None):
         super().__init__(student, teacher, options, num_train, train_labels)
