@@ -327,10 +327,10 @@ def report_errors(run_command, debug: bool) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         if debug:
             raise
-        print("interrupted; rerun the same command to resume from the last saved epoch", file=sys.stderr)
+        print(str(exc) or "interrupted; rerun the same command to resume from the last saved epoch", file=sys.stderr)
         return 130
     except user_errors() as exc:
         if debug:

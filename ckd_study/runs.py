@@ -129,12 +129,23 @@ class RunStore:
         if not path.exists():
             return []
         rows = []
-        for n, line in enumerate(path.read_text().splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise RunError(f"{path} line {n} is corrupt ({exc}); nothing was deleted") from exc
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        for n, line in enumerate(lines, start=1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                summary_path = self.run_dir(run_id) / "summary.json"
+                epochs = read_json(summary_path).get("epochs") if summary_path.exists() else None
+                if n == len(lines) and epochs is not None and [r.get("epoch") for r in rows] == \
+                        list(range(1, epochs + 1)):
+                    # A finished run whose every epoch is recorded, plus a half-written line (e.g. an append
+                    # that was cut off): the line is no record of ours; repair the file without it.
+                    warnings.warn(f"{path}: removed a half-written last line ({exc}); the run's {epochs} epoch "
+                                  f"records are intact", stacklevel=2)
+                    _write_metrics(self.run_dir(run_id), rows)
+                    return rows
+                raise RunError(f"{path} line {n} is corrupt ({exc}); nothing was deleted. If the run is "
+                               f"interrupted, rerun it: its metrics are rewritten from the last checkpoint") from exc
         return rows
 
     def status(self, run_id: str) -> str:
@@ -489,7 +500,12 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             needed = 1.1 * (last["epoch_time_s"] + last.get("eval_time_s", 0.0)) + 5.0
             return time.time() + needed <= stop_at
 
-        state = trainer.fit(on_epoch_end=save, keep_going=keep_going)
+        try:
+            state = trainer.fit(on_epoch_end=save, keep_going=keep_going)
+        except KeyboardInterrupt:
+            done = trainer.state.epoch
+            raise KeyboardInterrupt(f"interrupted run {run_id} in epoch {done + 1}/{config.epochs} (epochs saved: "
+                                    f"{done}); rerun the same command to resume") from None
         if hasattr(teacher_source, "save"):  # keep the teacher outputs this run computed for later runs
             try:
                 teacher_source.save()
@@ -525,6 +541,8 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             "wall_time_s": wall_before + time.perf_counter() - started,
             "images_per_s": sum(images_per_s) / len(images_per_s),
             "teacher_source": None if teacher_source is None else getattr(teacher_source, "kind", "live"),
+            "teacher_cache_file": (str(Path(teacher_source.path).relative_to(store.root))
+                                   if getattr(teacher_source, "path", None) is not None else None),
             **{key: sum(r.get(key, 0) for r in state.history)
                for key in ("teacher_cache_hits", "teacher_cache_misses") if key in last},
             "final_sha256": final_sha,

@@ -200,3 +200,12 @@ def test_precision_benchmark_records_both_precisions(tmp_path):
         assert row["bf16_over_fp32"] == pytest.approx(row["bf16"] / row["fp32"])
     assert report["auto_resolves_to"] == resolve_precision("auto", "cpu")
     assert report["cpu_native_bf16"] == cpu_has_native_bf16()
+
+
+def test_cache_integrity_benchmark_measures_checksums(tmp_path):
+    import bench_cache_integrity
+
+    report = bench_cache_integrity.main(["--entries", "70000", "--logits", "10", "--pooled", "4",
+                                         "--json", str(tmp_path / "c.json")])
+    assert report["blocks"] == 2 and report["checksum_s"] > 0 and report["full_table_entries"] == 50_000 * 162
+    assert report["full_table_checksum_s"] == pytest.approx(report["checksum_s"] * 50_000 * 162 / 70_000)

@@ -226,3 +226,28 @@ def test_cli_one_line_errors_for_store_faults(tmp_path, capsys, teacher_store):
     assert study_main(["figures", "--preset", "smoke", "--results-dir", str(store.root)]) == 1
     err = capsys.readouterr().err
     assert "summary.json is corrupt" in err and "Traceback" not in err
+
+
+def test_ctrl_c_names_the_epoch_and_a_half_written_metrics_line_is_repaired(tmp_path, teacher_store, capsys):
+    store = _copy_teacher(teacher_store, tmp_path / "r")
+    config = make_config("smoke", method="kd", **SHORT)
+
+    def ctrl_c_in_epoch_2(trainer, epoch, step):
+        if epoch == 2:
+            raise KeyboardInterrupt
+
+    code = cli.report_errors(lambda: run(config, store=store, quiet=True, step_hook=ctrl_c_in_epoch_2), debug=False)
+    assert code == 130
+    assert capsys.readouterr().err.strip() == (f"interrupted run {config.run_id} in epoch 2/2 (epochs saved: 1); "
+                                               f"rerun the same command to resume")
+    summary = run(config, store=store, quiet=True)
+    assert summary["teacher_cache_file"].startswith("cache/teacher-")
+    path = store.run_dir(config.run_id) / "metrics.jsonl"
+    good = path.read_text()
+    path.write_text(good + '{"epoch": 3, "train_lo')
+    with pytest.warns(UserWarning, match="removed a half-written last line"):
+        assert [m["epoch"] for m in store.metrics(config.run_id)] == [1, 2]
+    assert path.read_text() == good  # repaired on disk: `show` works from now on
+    path.write_text(good.replace('"epoch": 1', '"epoch": 1 oops', 1))
+    with pytest.raises(RunError, match="line 1 is corrupt"):
+        store.metrics(config.run_id)
