@@ -170,7 +170,9 @@ def test_main_table_content(smoke):
     assert list(table.columns) == ["T → S", "method", "seeds", study.TOP1, study.BEST, "published (%)",
                                    "Δ vs KD (pp)"]
     methods = [study.METHOD_LABELS[m] for m in spec.main_methods]
-    assert list(table["method"]) == [f"Teacher ({spec.pair[0]})"] + methods
+    recipes = [study.METHOD_LABELS[f"{m}@{r}"] for m, r in spec.recipe_rows]
+    assert recipes == ["CKD (released recipe)"]
+    assert list(table["method"]) == [f"Teacher ({spec.pair[0]})"] + methods + recipes
     assert set(table["published (%)"]) == {"–"}  # no published numbers for the smoke pair/budget
     kd = table[table["method"] == "KD"].iloc[0]
     assert kd["Δ vs KD (pp)"] == "–"

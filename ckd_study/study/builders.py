@@ -1,0 +1,531 @@
+"""One builder per notebook (01 teachers … 07 correlation), the notebook registry, the run plan and the
+rebuilding of every table and figure from the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from .. import analysis
+from ..published import PUBLISHED
+from ..config import RECIPES, RunConfig, setting_label
+from ..runs import RunStore, atomic_write_json, read_json
+from .collect import (StudyResult, _collect, _options_changed, _RunSet, _seeds_text, _spread_table, _store,
+                      _top1_columns, analysis_dir_for, budget_description, data_description, describe_run)
+from .grids import (BEST, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError, StudyError, StudySpec, _config,
+                    _unique_configs, experiment_configs, pair_label, recipe_lr)
+
+# ---------------------------------------------------------------------------------------------------------
+# 01 teachers
+# ---------------------------------------------------------------------------------------------------------
+def build_teachers(preset: str = "quick", *, train: bool = True, store: RunStore | str | Path | None = None,
+                   figures_dir: str | Path | None = None, spec: StudySpec | None = None, verbose: bool = True,
+                   device: Any = None) -> StudyResult:
+    """Notebook 01: train (or load) the teachers of the preset's pairs; table of their test accuracy and a
+    figure of their test top-1 per epoch."""
+    import pandas as pd
+
+    run_set = _collect(preset, "teachers", "01_teachers", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, store, out, summaries = run_set.spec, run_set.store, run_set.out, run_set.summaries
+    first = run_set.first
+    rows, curves = [], {}
+    for e in run_set.entries:
+        cfg, s = e.config, summaries[e.config.run_id]
+        published = [PUBLISHED.get((e.labels["teacher"], p.split(" → ")[1]), {}).get("teacher")
+                     for p in e.labels["pairs"]] if spec.show_published else []
+        published = next((v for v in published if v is not None), None)
+        rows.append({"teacher": cfg.student, "used by (T → S)": ", ".join(e.labels["pairs"]), "seed": cfg.seed,
+                     "epochs": cfg.epochs, TOP1: analysis.format_number(s["last_top1"]),
+                     BEST: f"{analysis.format_number(s['best_top1'])} (epoch {s['best_epoch']})",
+                     "published (%)": analysis.format_number(published), "run id": cfg.run_id})
+        history = [r for r in store.metrics(cfg.run_id) if "test_top1" in r]
+        curves[cfg.student] = ([r["epoch"] for r in history], [r["test_top1"] for r in history])
+    table = pd.DataFrame(rows)
+    caption = (f"Teachers, preset '{preset}': test top-1 (%) on {data_description(first)}; "
+               f"{budget_description(first)}, batch {first.batch_size}, lr {first.base_lr:g}, one seed. "
+               f"Last epoch is the headline; best epoch (max over epochs of the test accuracy) is optimistic."
+               + (" Published: methods.md §5." if spec.show_published else
+                  " Published numbers (methods.md §5) exist only for the full 240-epoch benchmark: '–'."))
+    tables = {"teachers": analysis.save_table(table, out / "teachers", caption=caption)}
+    figures = {"teachers": analysis.plot_curves(
+        curves, out / "teachers", title=f"Teachers: test top-1 per epoch — {data_description(first)}, "
+                                        f"preset {preset}, seed {first.seed}",
+        xlabel="epoch", ylabel="test top-1 (%)")}
+    return StudyResult("01_teachers", preset, table, caption, run_set.runs, tables, figures)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 02 main table
+# ---------------------------------------------------------------------------------------------------------
+def build_main_table(preset: str = "quick", *, train: bool = True, store: RunStore | str | Path | None = None,
+                     figures_dir: str | Path | None = None, spec: StudySpec | None = None, verbose: bool = True,
+                     device: Any = None) -> StudyResult:
+    """Notebook 02: methods × pairs × seeds. Last-epoch top-1 mean ± std (headline), best-epoch beside it,
+    the published number of methods.md §5 where one exists, and the gain over KD. CSV + Markdown + LaTeX."""
+    import pandas as pd
+
+    run_set = _collect(preset, "main", "02_main_table", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, summaries, runs, first = run_set.spec, run_set.out, run_set.summaries, run_set.runs, run_set.first
+    agg = analysis.mean_std_table(runs, by=["pair", "teacher", "student", "method"])
+    rows = []
+    for p in spec.pairs:
+        label = pair_label(*p)
+        part = agg[agg["pair"] == label]
+        published = PUBLISHED.get(p, {}) if spec.show_published else {}
+        kd = part.loc[part["method"] == "kd", "last_top1_mean"]
+        kd_mean = float(kd.iloc[0]) if len(kd) else float("nan")
+        teacher_cfg = _config(preset, "kd", p, 0).teacher
+        t = summaries.get(teacher_cfg.run_id)
+        if t is not None:  # the reference row: the pair's teacher
+            rows.append({"T → S": label, "method": f"Teacher ({p[0]})", "seeds": 1,
+                         TOP1: analysis.format_mean_std(t["last_top1"]), BEST: analysis.format_mean_std(t["best_top1"]),
+                         "published (%)": analysis.format_number(published.get("teacher")),
+                         "Δ vs KD (pp)": analysis.MISSING})
+        for _, r in part.iterrows():
+            gain = r["last_top1_mean"] - kd_mean if r["method"] != "kd" else float("nan")
+            rows.append({"T → S": label, "method": METHOD_LABELS.get(r["method"], r["method"]), "seeds": int(r["n"]),
+                         TOP1: analysis.format_mean_std(r["last_top1_mean"], r["last_top1_std"]),
+                         BEST: analysis.format_mean_std(r["best_top1_mean"], r["best_top1_std"]),
+                         "published (%)": analysis.format_number(published.get(r["method"])),
+                         "Δ vs KD (pp)": analysis.format_number(gain, signed=True)})
+    table = pd.DataFrame(rows)
+    caption = (f"Main table, preset '{preset}': test top-1 (%) on {data_description(first)}; "
+               f"{budget_description(first)}, batch {first.batch_size}; every method under the same budget. "
+               f"Headline: {TOP1}, mean ± std over {_seeds_text(spec.seeds)}; {BEST} (max over epochs of the "
+               f"test accuracy, optimistic) beside it. Published: methods.md §5 (240-epoch CIFAR-100 benchmark, "
+               f"the papers' own protocols)"
+               + ("" if spec.show_published else "; none exist for this preset's budget and pair ('–')")
+               + ". Δ vs KD: last-epoch mean minus KD's, in percentage points. MCLD is our reimplementation "
+               "(no public code); CKD and MCLD have no citable published numbers."
+               + "".join(f" {METHOD_LABELS.get(f'{m}@{r}', f'{m}@{r}')}: {RECIPES[r]['label']} "
+                         f"({_config(preset, m, spec.pairs[0], 0, recipe=r).epochs} epochs here), not the common "
+                         f"budget." for m, r in spec.recipe_rows))
+    tables = {"main_table": analysis.save_table(table, out / "main_table", latex=True, caption=caption,
+                                                label=f"tab:main-{preset}")}
+    analysis.write_csv(runs, out / "main_table_runs.csv")
+    plot = agg.assign(method_label=[METHOD_LABELS.get(m, m) for m in agg["method"]])
+    reference = {pair_label(*p): {"KD": float(agg.loc[(agg["pair"] == pair_label(*p)) & (agg["method"] == "kd"),
+                                                     "last_top1_mean"].mean())}
+                 for p in spec.pairs}
+    figures = {"main_table": analysis.plot_bars(
+        plot, label="method_label", value="last_top1_mean", err="last_top1_std", group="pair",
+        reference=reference, path_stem=out / "main_table", xlabel=f"{TOP1}, mean ± std",
+        title=f"{data_description(first)}, preset {preset}: {TOP1}, mean ± std over {_seeds_text(spec.seeds)}")}
+    return StudyResult("02_main_table", preset, table, caption, runs, tables, figures,
+                       extra={"aggregate": agg})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 03 batch size, 04 temperature, 05 intra/inter + MCLD grid
+# ---------------------------------------------------------------------------------------------------------
+def build_batch_size_ablation(preset: str = "quick", *, train: bool = True,
+                              store: RunStore | str | Path | None = None, figures_dir: str | Path | None = None,
+                              spec: StudySpec | None = None, verbose: bool = True, device: Any = None) -> StudyResult:
+    """Notebook 03: CKD (and KD, DCD for contrast) across batch sizes, lr scaled linearly with the batch size."""
+    import pandas as pd
+
+    run_set = _collect(preset, "batch_size", "03_ablation_batch_size", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
+    agg = analysis.mean_std_table(runs, by=["method", "method_label", "batch_size", "lr"])
+    table = pd.DataFrame({"method": agg["method_label"], "batch size": agg["batch_size"],
+                          "lr": [f"{v:g}" for v in agg["lr"]], "seeds": agg["n"], **_top1_columns(agg)})
+    rule = (f"lr = {recipe_lr(spec.pair[1]):g} × batch size / {spec.reference_batch_size} (linear scaling rule, "
+            f"{recipe_lr(spec.pair[1]):g} at batch {spec.reference_batch_size})")
+    caption = (f"Batch-size ablation, preset '{preset}', {pair_label(*spec.pair)}, {data_description(first)}, "
+               f"{budget_description(first)}: {TOP1} mean ± std over {_seeds_text(spec.ablation_seeds)}. "
+               f"Learning rate: {rule}. CKD claims independence from the batch size; KD and DCD for contrast.")
+    spread = _spread_table(agg.groupby("method_label", sort=False), "method")
+    spread_caption = (f"Spread of the mean {TOP1} across batch sizes {list(spec.batch_sizes)} "
+                      f"({pair_label(*spec.pair)}, preset '{preset}'; {rule}).")
+    tables = {"ablation_batch_size": analysis.save_table(table, out / "ablation_batch_size", caption=caption),
+              "ablation_batch_size_spread": analysis.save_table(spread, out / "ablation_batch_size_spread",
+                                                                caption=spread_caption)}
+    analysis.write_csv(runs, out / "ablation_batch_size_runs.csv")
+    figures = {"ablation_batch_size": analysis.plot_lines(
+        agg, x="batch_size", y="last_top1_mean", yerr="last_top1_std", hue="method_label", logx=True,
+        path_stem=out / "ablation_batch_size", xlabel=f"batch size (lr scaled linearly: {recipe_lr(spec.pair[1]):g} "
+                                                      f"at {spec.reference_batch_size})",
+        ylabel=f"{TOP1}", title=f"Batch-size ablation: {pair_label(*spec.pair)}, {data_description(first)}, "
+                                f"preset {preset}, {_seeds_text(spec.ablation_seeds)}")}
+    return StudyResult("03_ablation_batch_size", preset, table, caption, runs, tables, figures,
+                       extra={"aggregate": agg, "spread": spread})
+
+
+def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
+                               store: RunStore | str | Path | None = None, figures_dir: str | Path | None = None,
+                               spec: StudySpec | None = None, verbose: bool = True, device: Any = None
+                               ) -> StudyResult:
+    """Notebook 04: CKD across temperatures; DCD learnable vs fixed temperature; the spread max − min."""
+    import pandas as pd
+
+    run_set = _collect(preset, "temperature", "04_ablation_temperature", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
+    agg = analysis.mean_std_table(runs, by=["method", "method_label", "setting", "temperature", "learnable"])
+    table = pd.DataFrame({"method": agg["method_label"], "temperature": agg["setting"], "seeds": agg["n"],
+                          **_top1_columns(agg)})
+    caption = (f"Temperature ablation, preset '{preset}', {pair_label(*spec.pair)}, {data_description(first)}, "
+               f"{budget_description(first)}: {TOP1} mean ± std over {_seeds_text(spec.ablation_seeds)}. "
+               f"CKD with τ ∈ {list(spec.temperatures)} (other options at their defaults); DCD with its learnable "
+               f"inverse temperature and with fixed τ ∈ {list(spec.dcd_fixed_temperatures)}.")
+    ckd = agg[agg["method"] == "ckd"]
+    dcd = agg[agg["method"] == "dcd"]
+    spread_rows = [("CKD, τ ∈ " + str(list(spec.temperatures)), ckd)]
+    if len(dcd):
+        spread_rows += [("DCD, learnable and fixed τ", dcd), ("DCD, fixed τ only", dcd[~dcd["learnable"]])]
+    spread = _spread_table(spread_rows, "setting")
+    spread_caption = (f"Does the method depend on the temperature? Spread (max − min) of the mean {TOP1} across "
+                      f"temperatures, {pair_label(*spec.pair)}, preset '{preset}'. For scale: run-to-run spread on "
+                      f"CIFAR-100 is typically 0.2–0.3 pp (methods.md §5).")
+    tables = {"ablation_temperature": analysis.save_table(table, out / "ablation_temperature", caption=caption),
+              "ablation_temperature_spread": analysis.save_table(spread, out / "ablation_temperature_spread",
+                                                                 caption=spread_caption)}
+    analysis.write_csv(runs, out / "ablation_temperature_runs.csv")
+    learn = dcd[dcd["learnable"]]
+    panels = [dict(data=ckd.assign(series="CKD"), x="temperature", y="last_top1_mean", yerr="last_top1_std",
+                   hue="series", logx=True, xlabel="CKD temperature τ", ylabel=TOP1, title="CKD")]
+    if len(dcd):
+        fixed = dcd[~dcd["learnable"]].assign(series="DCD, fixed τ")
+        hlines = {"DCD, learnable τ": (float(learn["last_top1_mean"].iloc[0]),
+                                       float(learn["last_top1_std"].fillna(0).iloc[0]))} if len(learn) else {}
+        panels.append(dict(data=fixed, x="temperature", y="last_top1_mean", yerr="last_top1_std", hue="series",
+                           logx=True, xlabel="DCD fixed temperature τ", ylabel=TOP1, title="DCD", hlines=hlines))
+    figures = {"ablation_temperature": analysis.plot_line_panels(
+        panels, out / "ablation_temperature",
+        title=f"Temperature ablation: {pair_label(*spec.pair)}, {data_description(first)}, preset {preset}, "
+              f"{_seeds_text(spec.ablation_seeds)}")}
+    return StudyResult("04_ablation_temperature", preset, table, caption, runs, tables, figures,
+                       extra={"aggregate": agg, "spread": spread})
+
+
+def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
+                               store: RunStore | str | Path | None = None, figures_dir: str | Path | None = None,
+                               spec: StudySpec | None = None, verbose: bool = True, device: Any = None
+                               ) -> StudyResult:
+    """Notebook 05: CKD with intra only / inter only / both; MCLD's component grid (one factor at a time)."""
+    import pandas as pd
+
+    run_set = _collect(preset, "intra_inter", "05_ablation_intra_inter", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
+    agg = analysis.mean_std_table(runs, by=["ablation", "variant", "change", "method"])
+    refs = agg[agg["ablation"] == "reference"]
+    grid = agg[agg["ablation"] != "reference"].copy()
+    full = {"CKD: intra vs inter": grid.loc[grid["variant"] == "intra + inter (full CKD)", "last_top1_mean"],
+            "MCLD components (our reimpl.)": grid.loc[grid["change"] == "defaults", "last_top1_mean"]}
+    gains = []
+    for _, r in grid.iterrows():
+        ref = full.get(r["ablation"])
+        gains.append(r["last_top1_mean"] - float(ref.iloc[0]) if ref is not None and len(ref) else float("nan"))
+    table = pd.DataFrame({"ablation": grid["ablation"], "variant": grid["variant"], "options changed": grid["change"],
+                          "seeds": grid["n"], **_top1_columns(grid),
+                          "Δ vs full (pp)": [analysis.format_number(g, signed=True) for g in gains]})
+    ref_text = "; ".join(f"{r['variant']} {analysis.format_mean_std(r['last_top1_mean'], r['last_top1_std'])}"
+                         for _, r in refs.iterrows())
+    caption = (f"Intra/inter and MCLD component ablation, preset '{preset}', {pair_label(*spec.pair)}, "
+               f"{data_description(first)}, {budget_description(first)}: {TOP1} mean ± std over "
+               f"{_seeds_text(spec.ablation_seeds)}. CKD = intra-sample alignment + inter-sample contrast "
+               f"(methods.md §2); MCLD (our reimplementation) changes one option at a time from its defaults. "
+               f"Δ: against the full method. References: {ref_text}.")
+    tables = {"ablation_intra_inter": analysis.save_table(table, out / "ablation_intra_inter", caption=caption)}
+    analysis.write_csv(runs, out / "ablation_intra_inter_runs.csv")
+    reference = {r["variant"]: float(r["last_top1_mean"]) for _, r in refs.iterrows()}
+    figures = {"ablation_intra_inter": analysis.plot_bars(
+        grid, label="variant", value="last_top1_mean", err="last_top1_std", group="ablation", reference=reference,
+        path_stem=out / "ablation_intra_inter", xlabel=f"{TOP1}, mean ± std",
+        title=f"CKD intra/inter and MCLD components: {pair_label(*spec.pair)}, {data_description(first)}, "
+              f"preset {preset}, {_seeds_text(spec.ablation_seeds)}")}
+    return StudyResult("05_ablation_intra_inter", preset, table, caption, runs, tables, figures,
+                       extra={"aggregate": agg})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 06 t-SNE and 07 correlation: derived files from checkpoints, figures from the derived files
+# ---------------------------------------------------------------------------------------------------------
+def _analysed_runs(run_set: _RunSet, preset: str):
+    """The analysed teacher and students as ``(panel name, config, summary)``: ``(teacher, [students])``."""
+    teacher = _config(preset, "kd", run_set.spec.pair, run_set.spec.analysis_seed).teacher
+    students = [(METHOD_LABELS.get(e.labels["method"], e.labels["method"]), e.config,
+                 run_set.summaries[e.config.run_id]) for e in run_set.entries]
+    return (f"Teacher ({teacher.student})", teacher, run_set.summaries[teacher.run_id]), students
+
+
+def _tag(config: RunConfig, summary: Mapping[str, Any]) -> str:
+    return f"{config.run_id}_{summary['final_sha256'][:8]}"
+
+
+class _Outputs:
+    """Test-set outputs of stored models, computed at most once per builder call."""
+
+    def __init__(self, store: RunStore, device: Any) -> None:
+        from ..train import default_device
+
+        self.store = store
+        self.device = device if device is not None else default_device()
+        self.cache: dict[str, dict] = {}
+
+    def data(self, config: RunConfig):
+        import torch
+
+        from ..runs import dataset_for
+
+        return dataset_for(config, torch.device("cpu"))
+
+    def __call__(self, config: RunConfig, indices=None) -> dict:
+        key = config.run_id
+        if key not in self.cache:
+            from ..train import predict
+
+            data = self.data(config)
+            model = self.store.load_model(config.run_id, device=self.device)
+            outputs = predict(model, data.x_test, data.mean, data.std, keep=("logits", "pooled"))
+            self.cache[key] = {"logits": outputs["logits"].numpy(), "pooled": outputs["pooled"].numpy(),
+                               "labels": data.y_test.numpy()}
+        out = self.cache[key]
+        if indices is None:
+            return out
+        return {k: v[indices] for k, v in out.items()}
+
+
+def _checkpoint_problem(store: RunStore, config: RunConfig) -> str | None:
+    path = store.run_dir(config.run_id) / "checkpoints" / "final.pt"
+    return None if path.exists() else f"its checkpoint {path} is missing (checkpoints are not committed)"
+
+
+def _missing_derived(preset: str, what: str, problems: Sequence[tuple[RunConfig, str, Path]]) -> MissingRunsError:
+    lines = [f"  - {c.run_id} ({describe_run(c)}): {p}; no derived file {f}" for c, p, f in problems]
+    return MissingRunsError(
+        f"{what} (preset {preset!r}) needs derived analysis files that are absent and cannot be computed:\n"
+        + "\n".join(lines) + "\nRetrain those runs (move their folders away, then `make reproduce PRESET="
+        f"{preset}`), or restore the checkpoints or the analysis files.", [c.run_id for c, _, _ in problems])
+
+
+def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | str | Path | None = None,
+               figures_dir: str | Path | None = None, spec: StudySpec | None = None, verbose: bool = True,
+               device: Any = None, features: str = "pooled") -> StudyResult:
+    """Notebook 06: t-SNE of the students' pooled features (``features="logits"``: logits) on a fixed, seeded test
+    subset, side by side for CE, KD and the contrastive methods (and the teacher), coloured by class; plus a
+    table of the class separation (silhouette, cosine, in the full feature space)."""
+    import numpy as np
+    import pandas as pd
+
+    if features not in ("pooled", "logits"):
+        raise StudyError(f"features must be 'pooled' or 'logits', got {features!r}")
+    run_set = _collect(preset, "tsne", "06_tsne", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, store, out = run_set.spec, run_set.store, run_set.out
+    teacher, students = _analysed_runs(run_set, preset)
+    folder = analysis_dir_for(store, preset) / "tsne"
+    subset = f"{features}_c{spec.tsne_classes or 'all'}_n{spec.tsne_per_class or 'all'}_s{spec.analysis_seed}"
+    outputs = _Outputs(store, device)
+    panels, rows, problems = {}, [], []
+    for name, config, summary in [teacher, *students]:
+        path = folder / f"{_tag(config, summary)}_{subset}.csv"
+        meta_path = path.with_suffix(".json")
+        if not (path.exists() and meta_path.exists()):
+            problem = _checkpoint_problem(store, config)
+            if problem:
+                problems.append((config, problem, path))
+                continue
+            data = outputs.data(config)
+            idx = analysis.tsne_subset(data.y_test.numpy(), data.num_classes, spec.tsne_classes,
+                                       spec.tsne_per_class, spec.analysis_seed)
+            got = outputs(config, idx)
+            coords = analysis.tsne_embedding(got[features], seed=spec.analysis_seed)
+            frame = pd.DataFrame({"test_index": idx, "label": got["labels"], "x": coords[:, 0], "y": coords[:, 1]})
+            analysis.write_csv(frame.round(5), path)
+            atomic_write_json(meta_path, {"run_id": config.run_id, "final_sha256": summary["final_sha256"],
+                                          "features": features, "feature_dim": int(got[features].shape[1]),
+                                          "points": len(idx), "classes": int(len(np.unique(got["labels"]))),
+                                          "silhouette_cosine": analysis.silhouette(got[features], got["labels"]),
+                                          "seed": spec.analysis_seed})
+            if verbose:
+                print(f"[06_tsne] computed {path.name}", flush=True)
+        frame = pd.read_csv(path)
+        meta = read_json(meta_path)
+        panels[f"{name}\n{analysis.format_number(summary['last_top1'])}% top-1"] = (
+            frame[["x", "y"]].to_numpy(), frame["label"].to_numpy())
+        rows.append({"model": name, TOP1: analysis.format_number(summary["last_top1"]),
+                     "points": meta["points"], "classes": meta["classes"],
+                     f"silhouette ({features}, cosine)": analysis.format_number(meta["silhouette_cosine"], 3),
+                     "run id": config.run_id})
+    if problems:
+        raise _missing_derived(preset, "06_tsne", problems)
+    table = pd.DataFrame(rows)
+    first = students[0][1]
+    classes = DATASET_CLASSES.get(first.dataset)
+    subset_text = (f"{spec.tsne_classes or 'all'} classes × {spec.tsne_per_class or 'all'} test images per class "
+                   f"(fixed subset, seed {spec.analysis_seed})")
+    caption = (f"t-SNE inputs and class separation, preset '{preset}', {pair_label(*spec.pair)}, "
+               f"{data_description(first)}: {subset_text}. Silhouette score of the classes in the {features} "
+               f"feature space (cosine; higher = better separated). Runs of seed {spec.analysis_seed}.")
+    tables = {"tsne_separation": analysis.save_table(table, out / "tsne_separation", caption=caption)}
+    figures = {"tsne": analysis.plot_tsne_grid(
+        panels, out / "tsne", class_names=classes(first) if classes else None,
+        title=f"t-SNE of the {'pooled penultimate features' if features == 'pooled' else 'logits'} on "
+              f"{data_description(first)} test images, {subset_text}; {pair_label(*spec.pair)}, preset {preset}, "
+              f"seed {spec.analysis_seed}")}
+    return StudyResult("06_tsne", preset, table, caption, run_set.runs, tables, figures)
+
+
+def _class_names(config: RunConfig) -> list[str]:
+    from ..runs import dataset_for
+    import torch
+
+    return list(dataset_for(config, torch.device("cpu")).classes)
+
+
+DATASET_CLASSES: dict[str, Callable[[RunConfig], list[str]] | None] = {"digits": None, "cifar100": _class_names,
+                                                                      "cifar10": _class_names}
+
+
+def build_correlation(preset: str = "quick", *, train: bool = True, store: RunStore | str | Path | None = None,
+                      figures_dir: str | Path | None = None, spec: StudySpec | None = None, verbose: bool = True,
+                      device: Any = None, zscore: bool = True, vmax: float = analysis.HEATMAP_VMAX) -> StudyResult:
+    """Notebook 07: class-mean logit difference heatmaps ``|M_student − M_teacher|`` (zero diagonal, colour scale
+    clipped at ``vmax`` = 3) on the test set, and the measurable quantities: mean/max difference, top-1 agreement
+    with the teacher, KL(teacher ‖ student), linear CKA of the pooled features. ``zscore=True`` also draws the
+    z-scored-logit variant."""
+    import numpy as np
+    import pandas as pd
+
+    run_set = _collect(preset, "correlation", "07_correlation", store=store, figures_dir=figures_dir,
+                       spec=spec, train=train, verbose=verbose, device=device)
+    spec, store, out = run_set.spec, run_set.store, run_set.out
+    teacher, students = _analysed_runs(run_set, preset)
+    folder = analysis_dir_for(store, preset) / "correlation"
+    outputs = _Outputs(store, device)
+    t_name, t_config, t_summary = teacher
+    problems = []
+
+    def class_means(config, summary) -> dict[str, Path]:
+        paths = {v: folder / f"classmean_{v}_{_tag(config, summary)}.csv" for v in ("raw", "zscore")}
+        if not all(p.exists() for p in paths.values()):
+            problem = _checkpoint_problem(store, config)
+            if problem:
+                problems.append((config, problem, paths["raw"]))
+                return paths
+            got = outputs(config)
+            num_classes = got["logits"].shape[1]
+            for v, logits in (("raw", got["logits"]), ("zscore", analysis.zscore_logits(got["logits"]))):
+                m = analysis.class_mean_logits(logits, got["labels"], num_classes)
+                analysis.write_csv(pd.DataFrame(m, columns=[str(i) for i in range(num_classes)]).round(6), paths[v])
+        return paths
+
+    teacher_means = class_means(t_config, t_summary)
+    rows, matrices, matrices_z = [], {}, {}
+    for name, config, summary in students:
+        means = class_means(config, summary)
+        metrics_path = folder / f"metrics_{_tag(config, summary)}__{_tag(t_config, t_summary)}.json"
+        if not metrics_path.exists():
+            problem = _checkpoint_problem(store, config) or _checkpoint_problem(store, t_config)
+            if problem:
+                problems.append((config, problem, metrics_path))
+                continue
+            s, t = outputs(config), outputs(t_config)
+            atomic_write_json(metrics_path, {
+                "student_run_id": config.run_id, "teacher_run_id": t_config.run_id, "test_images": len(s["labels"]),
+                "agreement": analysis.teacher_agreement(t["logits"], s["logits"]),
+                "kl_teacher_student": analysis.kl_teacher_student(t["logits"], s["logits"]),
+                "linear_cka_pooled": analysis.linear_cka(t["pooled"], s["pooled"]),
+                "student_top1_recomputed": float(100.0 * np.mean(s["logits"].argmax(1) == s["labels"]))})
+            if verbose:
+                print(f"[07_correlation] computed {metrics_path.name}", flush=True)
+        if problems:
+            continue
+        metrics = read_json(metrics_path)
+        ms = {v: pd.read_csv(means[v]).to_numpy() for v in ("raw", "zscore")}
+        mt = {v: pd.read_csv(teacher_means[v]).to_numpy() for v in ("raw", "zscore")}
+        diff, stats = analysis.class_mean_difference(ms["raw"], mt["raw"])
+        diff_z, stats_z = analysis.class_mean_difference(ms["zscore"], mt["zscore"])
+        matrices[f"{name}\nmean {stats['mean']:.2f}, max {stats['max']:.2f}"] = diff
+        matrices_z[f"{name}\nmean {stats_z['mean']:.2f}, max {stats_z['max']:.2f}"] = diff_z
+        rows.append({"student": name, TOP1: analysis.format_number(summary["last_top1"]),
+                     "mean ΔM": analysis.format_number(stats["mean"], 3),
+                     "max ΔM": analysis.format_number(stats["max"], 3),
+                     "mean ΔM (z-scored)": analysis.format_number(stats_z["mean"], 3),
+                     "max ΔM (z-scored)": analysis.format_number(stats_z["max"], 3),
+                     "agreement with teacher (%)": analysis.format_number(metrics["agreement"]),
+                     "KL(teacher ‖ student) (nats)": analysis.format_number(metrics["kl_teacher_student"], 3),
+                     "linear CKA (pooled)": analysis.format_number(metrics["linear_cka_pooled"], 3),
+                     "run id": config.run_id})
+    if problems:
+        raise _missing_derived(preset, "07_correlation", problems)
+    table = pd.DataFrame(rows)
+    first = students[0][1]
+    data_text = f"{data_description(first)} test set"
+    caption = (f"How close are the students to the teacher? Preset '{preset}', {pair_label(*spec.pair)}, "
+               f"{data_text}, runs of seed {spec.analysis_seed}; teacher {t_config.student}: "
+               f"{analysis.format_number(t_summary['last_top1'])}% last-epoch top-1. M[c] = mean logit vector over "
+               f"the test images of class c; ΔM = |M_student − M_teacher| off the diagonal (mean and max over the "
+               f"entries, unclipped), on raw and on z-scored logits. Agreement: share of test images with the "
+               f"teacher's top-1 class. "
+               f"KL(teacher ‖ student): mean over test images, τ = 1. Linear CKA (Kornblith et al.) of the pooled "
+               f"penultimate features.")
+    tables = {"correlation_metrics": analysis.save_table(table, out / "correlation_metrics", caption=caption)}
+    title = (f"|M_student − M_teacher| of class-mean {{kind}} (diagonal zeroed, colour clipped at {vmax:g}; "
+             f"lighter = closer to the teacher)\n{pair_label(*spec.pair)}, {data_text}, preset {preset}, "
+             f"seed {spec.analysis_seed}")
+    figures = {"correlation_heatmaps": analysis.plot_heatmaps(matrices, out / "correlation_heatmaps", vmax=vmax,
+                                                              title=title.format(kind="logits"))}
+    if zscore:
+        figures["correlation_heatmaps_zscore"] = analysis.plot_heatmaps(
+            matrices_z, out / "correlation_heatmaps_zscore", vmax=vmax, title=title.format(kind="z-scored logits"),
+            colorbar_label="|mean z-scored logit difference|")
+    return StudyResult("07_correlation", preset, table, caption, run_set.runs, tables, figures)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Notebook registry, plan, figures, reproduce, strip
+# ---------------------------------------------------------------------------------------------------------
+BUILDERS: dict[str, tuple[str, Callable[..., StudyResult]]] = {
+    "01_teachers": ("teachers", build_teachers),
+    "02_main_table": ("main", build_main_table),
+    "03_ablation_batch_size": ("batch_size", build_batch_size_ablation),
+    "04_ablation_temperature": ("temperature", build_temperature_ablation),
+    "05_ablation_intra_inter": ("intra_inter", build_intra_inter_ablation),
+    "06_tsne": ("tsne", build_tsne),
+    "07_correlation": ("correlation", build_correlation),
+}
+
+
+def plan(preset: str, store: RunStore | str | Path | None = None, spec: StudySpec | None = None):
+    """Every run of the study, per notebook: one row per distinct config (teachers included), with its status in
+    the store and whether an earlier notebook already needs it (``new`` = first needed by this notebook)."""
+    import pandas as pd
+
+    store = _store(store)
+    rows, seen = [], set()
+    for notebook, (experiment, _) in BUILDERS.items():
+        for config in _unique_configs(experiment_configs(preset, experiment, spec)):
+            rows.append({"notebook": notebook, "run_id": config.run_id, "method": config.method,
+                         "student": config.student, "teacher": config.teacher.student if config.teacher else None,
+                         "seed": config.seed, "batch_size": config.batch_size, "lr": config.base_lr,
+                         "epochs": config.epochs, "options": json.dumps(_options_changed(config), sort_keys=True),
+                         "setting": setting_label(config) or "-",
+                         "new": config.run_id not in seen, "status": store.status(config.run_id)})
+            seen.add(config.run_id)
+    return pd.DataFrame(rows)
+
+
+def rebuild_figures(preset: str, *, store: RunStore | str | Path | None = None,
+                    figures_dir: str | Path | None = None, only: Sequence[str] | None = None,
+                    verbose: bool = True) -> dict[str, StudyResult]:
+    """Call every builder with ``train=False``: rebuild every table and figure from the store, training nothing.
+    Raises :class:`MissingRunsError` (after trying every notebook) naming every missing run."""
+    results, errors, missing = {}, [], []
+    for notebook in only or NOTEBOOKS:
+        _, builder = BUILDERS[notebook]
+        try:
+            results[notebook] = builder(preset, train=False, store=store, figures_dir=figures_dir, verbose=verbose)
+        except MissingRunsError as exc:
+            errors.append(f"{notebook}: {exc}")
+            missing += [r for r in exc.run_ids if r not in missing]
+    if errors:
+        raise MissingRunsError(f"could not rebuild {len(errors)} of {len(only or NOTEBOOKS)} notebooks' tables and "
+                               f"figures for preset {preset!r}:\n\n" + "\n\n".join(errors), missing)
+    return results

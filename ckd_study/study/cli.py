@@ -1,0 +1,124 @@
+"""``python -m ckd_study.study``: reproduce, figures, plan, strip, campaign."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..campaign import CAMPAIGN_METHODS
+from ..config import PRECISIONS, ConfigError, available_presets
+from ..methods import MethodError
+from ..runs import RunError
+from .builders import plan, rebuild_figures
+from .grids import NOTEBOOKS, MissingRunsError
+from .notebooks import reproduce, strip_notebook
+from .collect import _store  # noqa: F401
+
+def _campaign_command(args: argparse.Namespace) -> int:
+    from ..campaign import Campaign, CampaignError, format_status, parse_pair, run_campaign
+
+    store = _store(args.results_dir)
+    methods = tuple(args.methods.split(",")) if args.methods else CAMPAIGN_METHODS
+    try:
+        pair = parse_pair(args.pair) if args.pair else None
+        campaign = Campaign.open(store, args.preset, pair, methods, args.seed, args.precision, args.device)
+        if args.status:
+            print(f"campaign {campaign.name} ({campaign.folder})")
+            print(format_status(campaign.status_rows(store)))
+            return 0
+        result = run_campaign(campaign, store, minutes=args.minutes, device=args.device, data_root=args.data_dir)
+    except (CampaignError, ConfigError, MethodError, RunError) as exc:
+        print(f"campaign: {exc}", file=sys.stderr)
+        return 1
+    return 0 if result["finished"] or result["paused"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ckd_study.study``: user errors print one message (``--debug``: the traceback), as in
+    ``python -m ckd_study``."""
+    from ..cli import report_errors
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    return report_errors(lambda: _main([a for a in argv if a != "--debug"]), debug)
+
+
+def _main(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ckd_study.study", epilog="--debug: show tracebacks",
+                                     description="Run the study's notebooks, rebuild its tables and figures.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--preset", choices=available_presets(), required=True)
+        p.add_argument("--results-dir", default=None, help="results store (default: $CKD_RESULTS_DIR or results/)")
+        p.add_argument("--figures-dir", default=None,
+                       help="base folder of tables/figures (default: $CKD_FIGURES_DIR or figures/); "
+                            "files go to <base>/<preset>/")
+        p.add_argument("--only", nargs="+", choices=NOTEBOOKS, default=None, help="these notebooks only")
+
+    rep = sub.add_parser("reproduce", help="execute every notebook with papermill into reports/<preset>/")
+    common(rep)
+    rep.add_argument("--reports-dir", default=None, help="default: reports/")
+    rep.add_argument("--kernel", default=None, help="Jupyter kernel (default: the current interpreter)")
+    fig = sub.add_parser("figures", help="rebuild every table and figure from the store, without training")
+    common(fig)
+    pl = sub.add_parser("plan", help="list the runs of every notebook and their status")
+    pl.add_argument("--preset", choices=available_presets(), required=True)
+    pl.add_argument("--results-dir", default=None)
+    st = sub.add_parser("strip", help="remove outputs and execution counts from notebooks")
+    st.add_argument("notebooks", nargs="+", type=Path)
+    cam = sub.add_parser("campaign", help="train a teacher and its students one after another in a time box; "
+                                          "rerun to continue (see ckd_study/campaign.py)")
+    cam.add_argument("--preset", choices=available_presets(), required=True)
+    cam.add_argument("--pair", default=None, metavar="TEACHER-STUDENT",
+                     help="e.g. resnet56-resnet20 (default: the preset's pair)")
+    cam.add_argument("--minutes", type=float, default=150.0, help="time box; stops after a saved epoch (default 150)")
+    cam.add_argument("--methods", default=None,
+                     help=f"comma-separated students in order (default: {','.join(CAMPAIGN_METHODS)})")
+    cam.add_argument("--seed", type=int, default=0)
+    cam.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="of every run, when the campaign is first planned (default auto)")
+    cam.add_argument("--device", default=None)
+    cam.add_argument("--data-dir", default=None)
+    cam.add_argument("--results-dir", default=None)
+    cam.add_argument("--status", action="store_true", help="print where the campaign stands and exit")
+    args = parser.parse_args(argv)
+
+    if args.command == "campaign":
+        return _campaign_command(args)
+
+    if args.command == "strip":
+        for path in args.notebooks:
+            print(f"{'stripped' if strip_notebook(path) else 'clean   '} {path}")
+        return 0
+    if args.command == "plan":
+        import pandas as pd
+
+        frame = plan(args.preset, args.results_dir)
+        with pd.option_context("display.max_rows", None, "display.width", 200, "display.max_colwidth", 60):
+            print(frame[["notebook", "run_id", "setting", "new", "status"]].to_string(index=False))
+        counts = frame.groupby("notebook", sort=False).agg(runs=("run_id", "size"), new=("new", "sum"))
+        print("\nruns per notebook (new = not needed by an earlier notebook):")
+        print(counts.to_string())
+        print(f"distinct runs: {frame['run_id'].nunique()}, finished: "
+              f"{(frame.drop_duplicates('run_id')['status'] == 'finished').sum()}")
+        return 0
+    if args.command == "figures":
+        try:
+            results = rebuild_figures(args.preset, store=args.results_dir, figures_dir=args.figures_dir,
+                                      only=args.only)
+        except MissingRunsError as exc:
+            print(f"figures: {exc}", file=sys.stderr)
+            return 1
+        for name, result in results.items():
+            print(f"{name}: " + ", ".join(str(p) for p in result.files))
+        return 0
+    reproduce(args.preset, results_dir=args.results_dir, figures_dir=args.figures_dir,
+              reports_dir=args.reports_dir, only=args.only, kernel=args.kernel)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
