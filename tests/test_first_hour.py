@@ -182,3 +182,16 @@ def test_figure_grids_have_no_empty_panels_and_one_seed_has_no_error_bars(monkey
     analysis.plot_lines(two_seeds, x="t", y="top1", hue="m", yerr="std", path_stem=tmp_path / "l2", title="t",
                         xlabel="x", ylabel="y")
     assert any(isinstance(c, ErrorbarContainer) for c in figures[-1].axes[0].containers)
+
+
+def test_the_quick_teacher_weights_are_committed():
+    """The README's example trains a quick student from a fresh clone: the quick teacher's weights must be there
+    (and match the sha256 its summary recorded)."""
+    from ckd_study.config import teacher_config
+
+    store = RunStore(REPO / "results")
+    config = teacher_config("quick")
+    if store.summary(config.run_id) is None:
+        pytest.skip("no committed quick teacher run")
+    teacher = store.load_model(config.run_id)
+    assert teacher.num_classes == 100 and type(teacher).__name__ == "CifarResNet"
