@@ -22,6 +22,7 @@ import platform
 import socket
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from contextlib import contextmanager
@@ -254,9 +255,48 @@ def process_start_time(pid: int) -> str | None:
     return stat.rsplit(")", 1)[1].split()[19]
 
 
+LOCK_HEARTBEAT_S = 30.0
+
+
+def lock_stale_after_s() -> float:
+    """How old another host's lock heartbeat may be before the lock counts as stale: ``$CKD_LOCK_STALE_S``,
+    default 300 s (ten heartbeats; clocks of a cluster's nodes and its shared filesystem may differ a little)."""
+    value = os.environ.get("CKD_LOCK_STALE_S", "300")
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise RunError(f"CKD_LOCK_STALE_S must be a number of seconds, got {value!r}") from None
+    if not seconds > LOCK_HEARTBEAT_S:
+        raise RunError(f"CKD_LOCK_STALE_S must exceed the lock heartbeat ({LOCK_HEARTBEAT_S:g} s), got {value!r}")
+    return seconds
+
+
+@contextmanager
+def _heartbeat(path: Path, every_s: float) -> Iterator[None]:
+    """Touch ``path`` every ``every_s`` seconds while the block runs (a daemon thread), so that other hosts
+    can tell a live lock from the lock of a process that died without removing it."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(every_s):
+            try:
+                os.utime(path)
+            except OSError:  # the lock was removed under us (e.g. --retrain elsewhere): nothing to keep alive
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat {path.parent.name}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def _lock_owner(path: Path) -> dict | None:
     """The live owner of a lock file, or None when there is no lock or its owner is gone (a dead process, or a
-    reused pid: the start time differs). An owner on another host cannot be checked and counts as live."""
+    reused pid: the start time differs). An owner on another host counts as live while the lock's heartbeat
+    (its mtime) is younger than :func:`lock_stale_after_s`."""
     try:
         owner = json.loads(path.read_text())
     except FileNotFoundError:
@@ -265,6 +305,14 @@ def _lock_owner(path: Path) -> dict | None:
         return None  # locks are written whole before they appear (see run_lock): unreadable means corrupt
     if not isinstance(owner, dict):
         return None
+    if owner.get("host") != socket.gethostname():
+        # Another host's process cannot be asked; its lock is live while its heartbeat is recent (run_lock
+        # touches the file every LOCK_HEARTBEAT_S): a node that died or a SLURM job that was killed stops it.
+        try:
+            age = time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return None if age > lock_stale_after_s() else owner
     if owner.get("host") == socket.gethostname():
         try:
             os.kill(int(owner["pid"]), 0)
@@ -325,7 +373,8 @@ def run_lock(run_dir: Path, wait: bool = False, poll_s: float = 1.0, timeout_s: 
     finally:
         tmp.unlink(missing_ok=True)
     try:
-        yield
+        with _heartbeat(path, LOCK_HEARTBEAT_S):
+            yield
     finally:
         path.unlink(missing_ok=True)
 
@@ -479,7 +528,8 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             trainer.load_state_dict(ckpt)
         # Metric lines past the checkpoint come from an epoch that was killed before it was saved.
         _write_metrics(run_dir, trainer.state.history)
-        _record_attempt(run_dir, environment_record(setup))
+        # start_epoch: where this attempt began (0, or the saved epoch it resumed from)
+        _record_attempt(run_dir, {**environment_record(setup), "start_epoch": trainer.state.epoch})
 
         teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
         started = time.perf_counter()

@@ -1,4 +1,4 @@
-"""``python -m ckd_study.study``: reproduce, figures, plan, strip, campaign."""
+"""``python -m ckd_study.study``: reproduce, figures, plan, strip, campaign, launch."""
 
 from __future__ import annotations
 
@@ -33,6 +33,45 @@ def _campaign_command(args: argparse.Namespace) -> int:
         print(f"campaign: {exc}", file=sys.stderr)
         return 1
     return 0 if result["finished"] or result["paused"] else 1
+
+
+def _launch_command(args: argparse.Namespace) -> int:
+    from ..launch import (LaunchError, SlurmOptions, format_status, launch_local, launch_plan, launch_slurm,
+                          launch_status, wait_for)
+
+    store = _store(args.results_dir)
+    configs = launch_plan(args.preset)
+    if args.status:
+        print(format_status(launch_status(args.preset, store, configs)))
+        return 0
+    try:
+        if args.executor == "local":
+            outcome = launch_local(configs, store, args.preset, workers=args.workers, device=args.device,
+                                   data_root=args.data_dir, threads=args.threads)
+            failed = [r for r, o in outcome.items() if o.startswith(("failed", "skipped"))]
+            print(f"launch {args.preset}: {len(configs) - len(failed)} of {len(configs)} runs finished"
+                  + (f"; {len(failed)} failed or skipped (`launch --status` shows why)" if failed else ""))
+            return 1 if failed else 0
+        extra = dict(item.split("=", 1) if "=" in item else (item, True) for item in args.sbatch or [])
+        overrides = {"partition": args.partition, "account": args.account, "time_min": args.time,
+                     "gpus_per_job": args.gpus_per_job, "cpus_per_job": args.cpus_per_job, "mem": args.mem,
+                     "max_parallel": args.max_parallel}
+        if args.slurm_config:
+            options = SlurmOptions.from_file(args.slurm_config, **overrides)
+            options.extra.update(extra)
+        else:
+            options = SlurmOptions(**{k: v for k, v in overrides.items() if v is not None}, extra=extra)
+        launch_slurm(configs, store, args.preset, options, device=args.device, data_root=args.data_dir)
+        if args.wait:
+            rows = wait_for(configs, store, args.preset, timeout_s=args.wait)
+            print(format_status(rows))
+            return 0 if all(r["state"] == "finished" for r in rows) else 1
+        print(f"follow with: python -m ckd_study.study launch --preset {args.preset} --status"
+              + (f" --results-dir {args.results_dir}" if args.results_dir else ""))
+        return 0
+    except (LaunchError, ConfigError, RunError) as exc:
+        print(f"launch: {exc}", file=sys.stderr)
+        return 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +123,35 @@ def _main(argv: Sequence[str]) -> int:
     cam.add_argument("--data-dir", default=None)
     cam.add_argument("--results-dir", default=None)
     cam.add_argument("--status", action="store_true", help="print where the campaign stands and exit")
+    la = sub.add_parser("launch", help="train every run of a preset's plan with local workers or as SLURM jobs "
+                                       "(see ckd_study/launch.py); rerun to continue")
+    la.add_argument("--preset", choices=available_presets(), required=True)
+    la.add_argument("--executor", choices=("local", "slurm"), default="local")
+    la.add_argument("--status", action="store_true", help="print each run's state and exit")
+    la.add_argument("--results-dir", default=None,
+                    help="results store (default: $CKD_RESULTS_DIR or results/); with slurm on a filesystem every "
+                         "node mounts at the same path")
+    la.add_argument("--data-dir", default=None, help="dataset root seen by the workers (default: $CKD_DATA_DIR)")
+    la.add_argument("--device", default=None, help="default: one worker per GPU when CUDA is there, else cpu")
+    loc = la.add_argument_group("local executor")
+    loc.add_argument("--workers", type=int, default=None, help="worker processes (default: one per GPU, or 1)")
+    loc.add_argument("--threads", type=int, default=None, help="CPU threads per worker (default: cores // workers)")
+    sl = la.add_argument_group("slurm executor")
+    sl.add_argument("--slurm-config", default=None, help="TOML file of SlurmOptions keys (flags override it)")
+    sl.add_argument("--partition", default=None)
+    sl.add_argument("--account", default=None)
+    sl.add_argument("--time", type=int, default=None, help="time limit per job in minutes (default 1440)")
+    sl.add_argument("--gpus-per-job", type=int, default=None, help="default 0 (CPU jobs)")
+    sl.add_argument("--cpus-per-job", type=int, default=None)
+    sl.add_argument("--mem", default=None, help="e.g. 16G")
+    sl.add_argument("--max-parallel", type=int, default=None, help="array parallelism (default 64)")
+    sl.add_argument("--sbatch", action="append", metavar="KEY[=VALUE]",
+                    help="extra sbatch option, repeatable (e.g. --sbatch qos=high; a bare KEY is a flag)")
+    sl.add_argument("--wait", type=float, default=None, metavar="SECONDS",
+                    help="wait for the jobs (at most SECONDS), then print the status")
     args = parser.parse_args(argv)
+    if args.command == "launch":
+        return _launch_command(args)
 
     if args.command == "campaign":
         return _campaign_command(args)
