@@ -190,6 +190,15 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
                     f"{files[0].parent} ({len(files) - 1} parts): commit it with the run's records; rerun the same "
                     f"command to continue")
                 break
+            except KeyboardInterrupt:  # Ctrl-C or SIGTERM: keep the last saved epoch committable, then stop
+                latest = store.run_dir(config.run_id) / "checkpoints" / "latest.pt"
+                if latest.exists():
+                    files = store.export_inflight(config.run_id)
+                    say(f"interrupted {config.run_id} in an epoch; its last saved epoch is exported to "
+                        f"{files[0].parent} ({len(files) - 1} parts): commit it; rerun the same command to continue")
+                else:
+                    say(f"interrupted {config.run_id} before its first saved epoch")
+                raise
             say(f"finished {config.run_id}: last top-1 {summary['last_top1']:.2f}%, best {summary['best_top1']:.2f}% "
                 f"(epoch {summary['best_epoch']}), {summary['wall_time_s'] / 3600:.2f} h")
             if config.teacher is None and i == 0:

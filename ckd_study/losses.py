@@ -374,6 +374,7 @@ def ckd_loss(
     anchor: str = "teacher",
     negatives: str = "teacher_student",
     terms: Iterable[str] = ("intra", "inter"),
+    inter_positive: bool = True,
 ) -> CKDLoss:
     r"""Sample-wise contrastive logit distillation, CKD (methods.md §2; arXiv 2404.14109).
 
@@ -399,6 +400,10 @@ def ckd_loss(
       ``anchor`` is validated but all three values return the same loss.
     * ``terms``: non-empty subset of {"intra", "inter"}; ``total`` sums the selected terms only (this is how
       the intra-vs-inter ablation switches a term off), while ``intra`` and ``inter`` are always returned.
+    * ``inter_positive``: ``True`` (as released) keeps the positive pair inside the log-sum-exp of ``inter``
+      (Σ_j over every j); ``False`` sums over the negatives only (Σ_{j≠i}: the paper's words, "negative pairs
+      ... from different samples"), for every anchor and both kinds of negatives. ``intra + inter`` is then no
+      longer the InfoNCE; it needs a batch of at least two.
 
     Defaults: temperature 1.0 (the released configs use 1 or 2), anchor "teacher", negatives
     "teacher_student", both terms. The weight lambda_CL (10 / 50 / 100 per pair) is applied by the caller.
@@ -419,9 +424,14 @@ def ckd_loss(
     pos = logits.diagonal()
     intra = (-pos).mean()
 
+    if not inter_positive and logits.shape[0] < 2:
+        raise ValueError("ckd_loss with inter_positive=False needs a batch of at least 2 (the negatives of a "
+                         "sample are the other samples of its batch)")
+    eye = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
     if negatives == "teacher_student":
-        inter_teacher = torch.logsumexp(logits, dim=1).mean() if anchor in ("teacher", "both") else None
-        inter_student = torch.logsumexp(logits, dim=0).mean() if anchor in ("student", "both") else None
+        cross = logits if inter_positive else logits.masked_fill(eye, float("-inf"))
+        inter_teacher = torch.logsumexp(cross, dim=1).mean() if anchor in ("teacher", "both") else None
+        inter_student = torch.logsumexp(cross, dim=0).mean() if anchor in ("student", "both") else None
         if anchor == "teacher":
             inter = inter_teacher
         elif anchor == "student":
@@ -430,8 +440,8 @@ def ckd_loss(
             inter = 0.5 * (inter_teacher + inter_student)
     else:  # student_student: same for every anchor
         ss = (sn @ sn.T) / tau
-        eye = torch.eye(ss.shape[0], dtype=torch.bool, device=ss.device)
-        row = torch.where(eye, torch.diag_embed(pos), ss)  # diagonal: the positive P_ii/tau; off-diagonal S_ij/tau
+        # diagonal: the positive P_ii/tau (or nothing); off-diagonal: S_ij/tau
+        row = torch.where(eye, torch.diag_embed(pos) if inter_positive else float("-inf"), ss)
         inter = torch.logsumexp(row, dim=1).mean()
 
     total = (intra if "intra" in selected else 0.0) + (inter if "inter" in selected else 0.0)

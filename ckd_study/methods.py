@@ -66,6 +66,11 @@ class Method(nn.Module):
     def forward(self, student_out, teacher_out, labels, indices, epoch) -> Terms:  # noqa: D401
         return self.loss_terms(student_out, teacher_out, labels, indices, epoch)
 
+    def epoch_metrics(self) -> dict[str, float]:
+        """Method state worth a line per epoch (a learned temperature, ...), read after the epoch's last step;
+        the trainer adds it to the epoch's record in ``metrics.jsonl`` under these names."""
+        return {}
+
 
 _METHODS: dict[str, type[Method]] = {}
 
@@ -88,8 +93,14 @@ def method_class(name: str) -> type[Method]:
 
 
 def resolve_options(name: str, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Every option of method ``name`` with defaults filled in, validated; as a plain JSON-able dict."""
-    return _to_plain(build_options(name, options))
+    """Every option of method ``name`` with defaults filled in, validated; as a plain JSON-able dict. An option
+    the method lists in ``Options.ADDED_LATER`` is left out at its default, so that runs stored before it
+    existed keep their run ids."""
+    plain = _to_plain(build_options(name, options))
+    for option, default in getattr(method_class(name).Options, "ADDED_LATER", {}).items():
+        if plain.get(option) == default:
+            del plain[option]
+    return plain
 
 
 def build_options(name: str, options: Mapping[str, Any] | None = None) -> Any:
@@ -428,7 +439,8 @@ class CKDOptions:
 
     Defaults reproduce the released code: teacher-anchored InfoNCE over L2-normalised logits, τ=1,
     λ_CL=100 (per-pair values from the released configs are applied by ``config.PAIR_METHOD_DEFAULTS``).
-    ``terms`` switches the intra-sample alignment or inter-sample contrast off (the intra-vs-inter ablation).
+    ``terms`` switches the intra-sample alignment or inter-sample contrast off (the intra-vs-inter ablation);
+    ``inter_positive=False`` drops the positive pair from the inter term's log-sum-exp (the paper's Σ_{j≠i}).
     """
 
     temperature: float = 1.0
@@ -437,10 +449,15 @@ class CKDOptions:
     negatives: str = "teacher_student"
     terms: tuple[str, ...] = ("intra", "inter")
     ce_weight: float = 1.0
+    inter_positive: bool = True
+    # Options added after runs were stored: left out of the stored options (and the run id) at their default.
+    ADDED_LATER: ClassVar[dict[str, Any]] = {"inter_positive": True}
 
     def validate(self, method: str) -> None:
         _positive(method, temperature=self.temperature)
         _non_negative(method, weight=self.weight, ce_weight=self.ce_weight)
+        _check(isinstance(self.inter_positive, bool), method, "inter_positive",
+               f"must be true or false, got {self.inter_positive!r}")
         _check(self.anchor in ("teacher", "student", "both"), method, "anchor",
                f"unknown anchor {self.anchor!r}; valid: teacher, student, both")
         _check(self.negatives in ("teacher_student", "student_student"), method, "negatives",
@@ -457,7 +474,8 @@ class CKD(Method):
     def loss_terms(self, student_out, teacher_out, labels, indices, epoch):
         o = self.options
         parts = losses.ckd_loss(student_out.logits, teacher_out.logits, temperature=o.temperature,
-                                anchor=o.anchor, negatives=o.negatives, terms=tuple(o.terms))
+                                anchor=o.anchor, negatives=o.negatives, terms=tuple(o.terms),
+                                inter_positive=o.inter_positive)
         terms = {"ce": o.ce_weight * F.cross_entropy(student_out.logits.float(), labels)}
         for term in o.terms:  # a switched-off term is not part of the objective
             terms[f"ckd_{term}"] = o.weight * getattr(parts, term)
@@ -579,6 +597,13 @@ class DCD(Method):
         if o.kd_weight > 0:
             terms["kd"] = o.kd_weight * losses.kd_loss(student_out.logits, teacher_out.logits, o.kd_temperature)
         return terms
+
+    def epoch_metrics(self) -> dict[str, float]:
+        """``dcd_kappa``: the inverse temperature the loss uses now, κ = min(exp θ, κ_max), or 1/τ when fixed."""
+        o = self.options
+        if o.fixed_temperature is not None:
+            return {"dcd_kappa": 1.0 / o.fixed_temperature}
+        return {"dcd_kappa": min(math.exp(float(self.log_inv_temperature.detach())), o.max_inv_temperature)}
 
 
 @dataclass(frozen=True)

@@ -297,6 +297,7 @@ class Trainer:
                       images_per_s=seen / elapsed if elapsed > 0 else float("nan"))
         if counters is not None:
             record.update({f"teacher_{k}": v - counted_before.get(k, 0) for k, v in counters().items()})
+        record.update(self.method.epoch_metrics())
         return record
 
     @staticmethod

@@ -87,3 +87,31 @@ def test_campaign_cli_status_and_errors(tmp_path, capsys):
     assert "campaign smoke-resnet14-resnet8-s0" in out and out.count(" new ") == 2
     assert study_main(["campaign", "--preset", "smoke", "--pair", "resnet14", "--results-dir", results]) == 1
     assert "TEACHER-STUDENT" in capsys.readouterr().err
+
+
+def test_an_interrupted_campaign_exports_its_last_saved_epoch(tmp_path, monkeypatch):
+    """Ctrl-C (or the SIGTERM the CLI turns into one) in the middle of an epoch: the last saved epoch is exported
+    in committable parts before the campaign stops, and the next start resumes from it."""
+    import ckd_study.campaign as campaign_module
+
+    store = RunStore(tmp_path)
+    campaign = Campaign.open(store, "smoke", methods=("ce",))
+    teacher_id = campaign.configs[0].run_id
+
+    def interrupting_run(config, **kwargs):
+        def hook(trainer, epoch, step):
+            if epoch == 2:
+                raise KeyboardInterrupt
+        return run(config, step_hook=hook, **kwargs)
+
+    monkeypatch.setattr(campaign_module, "run", interrupting_run)
+    lines: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_campaign(campaign, store, minutes=30, out=lines.append)
+    assert any(f"interrupted {teacher_id}" in line and "exported" in line for line in lines)
+    assert json.loads((store.inflight_dir(teacher_id) / "manifest.json").read_text())["epoch"] == 1
+    monkeypatch.setattr(campaign_module, "run", run)
+    (store.run_dir(teacher_id) / "checkpoints" / "latest.pt").unlink()  # a fresh clone: only the parts remain
+    assert run_campaign(Campaign.open(store, "smoke", methods=("ce",)), store, minutes=30, out=lines.append)["finished"]
+    attempts = [json.loads(line) for line in (store.run_dir(teacher_id) / "attempts.jsonl").read_text().splitlines()]
+    assert [a["start_epoch"] for a in attempts] == [0, 1]

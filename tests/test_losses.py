@@ -383,6 +383,37 @@ def test_ckd_matches_reference(shape, anchor, negatives, terms, tau):
     close(out.inter, inter)
 
 
+def ref_ckd_inter_without_positive(S, T, tau, anchor, negatives):
+    """The inter term over the negatives only (j != i), written with plain loops: Σ_{j≠i} of the cross pairs
+    P (rows teacher, columns student; the student anchor reads columns) or of the student pairs S."""
+    b = len(S)
+    sn = [_l2(v) for v in S]
+    tn = [_l2(v) for v in T]
+    if negatives == "student_student":
+        return sum(math.log(sum(math.exp(_dot(sn[i], sn[j]) / tau) for j in range(b) if j != i))
+                   for i in range(b)) / b
+    rows = sum(math.log(sum(math.exp(_dot(tn[i], sn[j]) / tau) for j in range(b) if j != i)) for i in range(b)) / b
+    cols = sum(math.log(sum(math.exp(_dot(tn[j], sn[i]) / tau) for j in range(b) if j != i)) for i in range(b)) / b
+    return {"teacher": rows, "student": cols, "both": 0.5 * (rows + cols)}[anchor]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("anchor", ANCHORS)
+@pytest.mark.parametrize("negatives", NEGATIVES)
+@pytest.mark.parametrize("tau", [1.0, 0.5])
+def test_ckd_inter_without_positive_matches_reference(shape, anchor, negatives, tau):
+    s, t = make_logits(*shape)
+    out = ckd_loss(s, t, temperature=tau, anchor=anchor, negatives=negatives, inter_positive=False)
+    inter = ref_ckd_inter_without_positive(L(s), L(t), tau, anchor, negatives)
+    _, intra, with_positive, _ = ref_ckd(L(s), L(t), tau, anchor, negatives, ("intra", "inter"))
+    close(out.inter, inter)
+    close(out.intra, intra)
+    close(out.total, intra + inter)
+    assert float(out.inter) < with_positive - 1e-6  # dropping a positive term lowers the log-sum-exp
+    with pytest.raises(ValueError, match="at least 2"):
+        ckd_loss(s[:1], t[:1], inter_positive=False)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("anchor", ANCHORS)
 @pytest.mark.parametrize("negatives", NEGATIVES)

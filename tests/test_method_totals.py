@@ -159,18 +159,21 @@ def _lse(values) -> float:
     return m + math.log(sum(math.exp(v - m) for v in values))
 
 
-def ref_ckd(s, t, tau, anchor, negatives, terms) -> float:
-    """CKD (methods.md §2): P_ij = cos(t_i, s_j); intra = mean_i -P_ii/τ; inter per the anchor/negatives."""
+def ref_ckd(s, t, tau, anchor, negatives, terms, inter_positive=True) -> float:
+    """CKD (methods.md §2): P_ij = cos(t_i, s_j); intra = mean_i -P_ii/τ; inter per the anchor/negatives, over
+    every j, or over j != i only (``inter_positive=False``)."""
     s, t = _d(s), _d(t)
     n = len(s)
     P = [[_cos(t[i], s[j]) / tau for j in range(n)] for i in range(n)]
     intra = sum(-P[i][i] for i in range(n)) / n
+    keep = (lambda i, j: True) if inter_positive else (lambda i, j: i != j)
     if negatives == "student_student":
         S = [[_cos(s[i], s[j]) / tau for j in range(n)] for i in range(n)]
-        inter = sum(_lse([P[i][i]] + [S[i][j] for j in range(n) if j != i]) for i in range(n)) / n
+        positive = [[P[i][i]] if inter_positive else [] for i in range(n)]
+        inter = sum(_lse(positive[i] + [S[i][j] for j in range(n) if j != i]) for i in range(n)) / n
     else:
-        rows = sum(_lse(P[i]) for i in range(n)) / n                          # teacher anchors: rows
-        cols = sum(_lse([P[i][j] for i in range(n)]) for j in range(n)) / n   # student anchors: columns
+        rows = sum(_lse([P[i][j] for j in range(n) if keep(i, j)]) for i in range(n)) / n          # teacher: rows
+        cols = sum(_lse([P[i][j] for i in range(n) if keep(i, j)]) for j in range(n)) / n          # student: cols
         inter = {"teacher": rows, "student": cols, "both": 0.5 * (rows + cols)}[anchor]
     return (intra if "intra" in terms else 0.0) + (inter if "inter" in terms else 0.0)
 
@@ -299,7 +302,8 @@ def ref_logit_method(name, s, t, y, o, epoch) -> float:
                 + _warm(epoch, o["warmup"]) * scale * (o["alpha"] * tckd + o["beta"] * nckd))
     if name == "ckd":
         return o["ce_weight"] * ref_ce(s, y) + o["weight"] * ref_ckd(s, t, o["temperature"], o["anchor"],
-                                                                    o["negatives"], o["terms"])
+                                                                    o["negatives"], o["terms"],
+                                                                    o.get("inter_positive", True))
     if name == "mcld":
         return ref_mcld(s, t, y, o, epoch)
     raise AssertionError(name)
@@ -345,6 +349,8 @@ LOGIT_CASES = [
     ("ckd", {}, 1),
     ("ckd", {"temperature": 0.5, "weight": 7.0, "ce_weight": 0.3}, 1),
     ("ckd", {"anchor": "student", "temperature": 2.0}, 1),
+    ("ckd", {"inter_positive": False, "anchor": "both", "terms": ["inter"]}, 1),
+    ("ckd", {"inter_positive": False, "negatives": "student_student"}, 1),
     ("ckd", {"anchor": "both", "weight": 3.0}, 1),
     ("ckd", {"negatives": "student_student", "temperature": 0.7}, 1),
     ("ckd", {"negatives": "student_student", "anchor": "student", "temperature": 0.7}, 1),

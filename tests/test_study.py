@@ -35,9 +35,10 @@ TABLES = {"teachers": ("csv", "md"), "main_table": ("csv", "md", "tex"),
           "ablation_temperature": ("csv", "md"), "ablation_temperature_spread": ("csv", "md"),
           "ablation_intra_inter": ("csv", "md"), "tsne_separation": ("csv", "md"),
           "correlation_metrics": ("csv", "md")}
-FIGURES = ("teachers", "main_table", "ablation_batch_size", "ablation_temperature", "ablation_intra_inter", "tsne",
-           "correlation_heatmaps", "correlation_heatmaps_zscore")
-RUN_TABLES = ("main_table_runs", "ablation_batch_size_runs", "ablation_temperature_runs", "ablation_intra_inter_runs")
+FIGURES = ("teachers", "main_table", "ablation_batch_size", "ablation_temperature", "dcd_kappa",
+           "ablation_intra_inter", "tsne", "correlation_heatmaps", "correlation_heatmaps_zscore")
+RUN_TABLES = ("main_table_runs", "ablation_batch_size_runs", "ablation_temperature_runs", "ablation_intra_inter_runs",
+              "dcd_kappa_curves")
 
 
 def expected_files(folder: Path) -> list[Path]:
@@ -168,7 +169,8 @@ def test_main_table_content(smoke):
     spec = study.STUDY[PRESET]
     table = pd.read_csv(smoke.out / "main_table.csv", dtype=str, keep_default_na=False)
     assert list(table.columns) == ["T → S", "method", "seeds", study.TOP1, study.BEST, "published (%)",
-                                   "Δ vs KD (pp)"]
+                                   "Δ vs KD (pp)", "student − teacher (pp)", "s / epoch, live teacher",
+                                   "images/s, live teacher"]
     methods = [study.METHOD_LABELS[m] for m in spec.main_methods]
     recipes = [study.METHOD_LABELS[f"{m}@{r}"] for m, r in spec.recipe_rows]
     assert recipes == ["CKD (released recipe)"]
@@ -183,6 +185,19 @@ def test_main_table_content(smoke):
     ckd_gain = table[table["method"] == "CKD"].iloc[0]["Δ vs KD (pp)"]
     expected = (runs[runs.method == "ckd"].last_top1.mean() - runs[runs.method == "kd"].last_top1.mean())
     assert float(ckd_gain) == pytest.approx(expected, abs=0.006)
+    teacher = float(table.iloc[0][study.TOP1])
+    for method in ("ce", "ckd"):
+        row = table[table["method"] == study.METHOD_LABELS[method]].iloc[0]
+        assert float(row["student − teacher (pp)"]) == pytest.approx(
+            runs[runs.method == method].last_top1.mean() - teacher, abs=0.006)
+    # the cost columns come from the stored measurements (live teacher), one per row's seed-0 config
+    cost_dir = smoke.results / "analysis" / PRESET / "cost"
+    for entry in study.experiment_configs(PRESET, "main"):
+        record = __import__("json").loads((cost_dir / f"{entry.config.run_id}.json").read_text())
+        row = table[table["method"] == study.METHOD_LABELS[entry.labels["method"]]].iloc[0]
+        assert float(row["images/s, live teacher"]) == pytest.approx(record["images_per_s"], abs=0.5)
+        assert record["images_per_s"] == pytest.approx(record["batch_size"] / record["seconds_per_step"])
+        assert record["teacher_source"] == ("live" if entry.config.teacher is not None else None)
     md = (smoke.out / "main_table.md").read_text()
     assert "last-epoch top-1" in md and "preset 'smoke'" in md and "mean ± std" in md
 
@@ -199,9 +214,23 @@ def test_ablation_tables_content(smoke):
     spread = pd.read_csv(smoke.out / "ablation_temperature_spread.csv")
     assert spread["setting"].str.startswith("CKD").any() and spread["spread max − min (pp)"].notna().all()
     temperature = pd.read_csv(smoke.out / "ablation_temperature.csv")
-    assert len(temperature) == len(spec.temperatures) + 1 + len(spec.dcd_fixed_temperatures)
+    assert spec.temperature_control
+    assert len(temperature) == 2 * len(spec.temperatures) + 1 + len(spec.dcd_fixed_temperatures)
+    control = temperature[temperature["series"] == "CKD, λ_CL·τ constant (control)"]
+    assert len(control) == len(spec.temperatures)
+    assert len(spread[spread["setting"].str.startswith("CKD")]) == 2  # one spread per CKD series
+    kappa = pd.read_csv(smoke.out / "dcd_kappa_curves.csv")
+    assert sorted(kappa["epoch"].unique()) == list(range(1, study.experiment_configs(PRESET, "temperature")[0]
+                                                         .config.epochs + 1))
+    fixed = kappa[kappa["setting"].str.startswith("fixed")]
+    assert (fixed["kappa"] == 1 / spec.dcd_fixed_temperatures[0]).all()
     intra = pd.read_csv(smoke.out / "ablation_intra_inter.csv")
-    assert {"intra only (alignment)", "inter only (contrast)", "intra + inter (full CKD)"} <= set(intra["variant"])
+    assert {"intra only (alignment)", "inter only (contrast)", "intra + inter (full CKD)",
+            study.INTER_WITHOUT_POSITIVE} <= set(intra["variant"])
+    grid = intra[intra["ablation"] == "CKD: anchor × negatives"]
+    assert len(grid) == len(spec.ckd_anchor_negatives) == 4
+    released = grid[grid["variant"].str.endswith("(released)")]
+    assert len(released) == 1 and float(released.iloc[0]["Δ vs full (pp)"]) == 0.0
     assert len(intra[intra["ablation"].str.startswith("MCLD")]) == len(spec.mcld_grid)
 
 

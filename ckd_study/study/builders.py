@@ -13,7 +13,8 @@ from ..config import RECIPES, RunConfig, setting_label
 from ..runs import RunStore, atomic_write_json, read_json
 from .collect import (StudyResult, _collect, _options_changed, _RunSet, _seeds_text, _spread_table, _store,
                       _top1_columns, analysis_dir_for, budget_description, data_description, describe_run)
-from .grids import (BEST, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError, StudyError, StudySpec, _config,
+from .grids import (ANCHOR_NEGATIVES, BEST, CKD_DEFAULT_CELL, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError,
+                    StudyError, StudySpec, _config, anchor_negatives_label,
                     _unique_configs, experiment_configs, pair_label, recipe_lr)
 
 # ---------------------------------------------------------------------------------------------------------
@@ -70,6 +71,7 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                        spec=spec, train=train, verbose=verbose, device=device)
     spec, out, summaries, runs, first = run_set.spec, run_set.out, run_set.summaries, run_set.runs, run_set.first
     agg = analysis.mean_std_table(runs, by=["pair", "teacher", "student", "method"])
+    costs = _main_table_costs(run_set, preset, device, verbose)
     rows = []
     for p in spec.pairs:
         label = pair_label(*p)
@@ -79,18 +81,24 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
         kd_mean = float(kd.iloc[0]) if len(kd) else float("nan")
         teacher_cfg = _config(preset, "kd", p, 0).teacher
         t = summaries.get(teacher_cfg.run_id)
+        teacher_top1 = t["last_top1"] if t is not None else float("nan")
         if t is not None:  # the reference row: the pair's teacher
             rows.append({"T → S": label, "method": f"Teacher ({p[0]})", "seeds": 1,
                          TOP1: analysis.format_mean_std(t["last_top1"]), BEST: analysis.format_mean_std(t["best_top1"]),
                          "published (%)": analysis.format_number(published.get("teacher")),
-                         "Δ vs KD (pp)": analysis.MISSING})
+                         "Δ vs KD (pp)": analysis.MISSING, STUDENT_MINUS_TEACHER: analysis.MISSING,
+                         SECONDS_PER_EPOCH: analysis.MISSING, IMAGES_PER_S: analysis.MISSING})
         for _, r in part.iterrows():
             gain = r["last_top1_mean"] - kd_mean if r["method"] != "kd" else float("nan")
+            cost = costs.get((label, r["method"])) or {}
             rows.append({"T → S": label, "method": METHOD_LABELS.get(r["method"], r["method"]), "seeds": int(r["n"]),
                          TOP1: analysis.format_mean_std(r["last_top1_mean"], r["last_top1_std"]),
                          BEST: analysis.format_mean_std(r["best_top1_mean"], r["best_top1_std"]),
                          "published (%)": analysis.format_number(published.get(r["method"])),
-                         "Δ vs KD (pp)": analysis.format_number(gain, signed=True)})
+                         "Δ vs KD (pp)": analysis.format_number(gain, signed=True),
+                         STUDENT_MINUS_TEACHER: analysis.format_number(r["last_top1_mean"] - teacher_top1, signed=True),
+                         SECONDS_PER_EPOCH: analysis.format_number(cost.get("seconds_per_epoch"), digits=1),
+                         IMAGES_PER_S: analysis.format_number(cost.get("images_per_s"), digits=0)})
     table = pd.DataFrame(rows)
     caption = (f"Main table, preset '{preset}': test top-1 (%) on {data_description(first)}; "
                f"{budget_description(first)}, batch {first.batch_size}; every method under the same budget. "
@@ -98,7 +106,11 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                f"test accuracy, optimistic) beside it. Published: methods.md §5 (240-epoch CIFAR-100 benchmark, "
                f"the papers' own protocols)"
                + ("" if spec.show_published else "; none exist for this preset's budget and pair ('–')")
-               + ". Δ vs KD: last-epoch mean minus KD's, in percentage points. MCLD is our reimplementation "
+               + ". Δ vs KD: last-epoch mean minus KD's, in percentage points; student − teacher: minus the "
+               "teacher's last-epoch top-1 (positive: the student surpasses its teacher). Cost: seconds per "
+               "training epoch and images/s with the teacher run live on one device (not the cache the study's "
+               "runs use), measured over a few timed steps of the seed-0 config"
+               + (f" on {_cost_machine(costs)}" if costs else "") + ". MCLD is our reimplementation "
                "(no public code); CKD and MCLD have no citable published numbers."
                + "".join(f" {METHOD_LABELS.get(f'{m}@{r}', f'{m}@{r}')}: {RECIPES[r]['label']} "
                          f"({_config(preset, m, spec.pairs[0], 0, recipe=r).epochs} epochs here), not the common "
@@ -116,6 +128,41 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
         title=f"{data_description(first)}, preset {preset}: {TOP1}, mean ± std over {_seeds_text(spec.seeds)}")}
     return StudyResult("02_main_table", preset, table, caption, runs, tables, figures,
                        extra={"aggregate": agg})
+
+
+STUDENT_MINUS_TEACHER = "student − teacher (pp)"
+SECONDS_PER_EPOCH = "s / epoch, live teacher"
+IMAGES_PER_S = "images/s, live teacher"
+
+
+def _main_table_costs(run_set: _RunSet, preset: str, device: Any, verbose: bool) -> dict[tuple[str, str], dict]:
+    """(pair label, method key) -> the cost record of the row's seed-0 config (measured once, then read from
+    ``<results>/analysis/<preset>/cost/``); rows whose teacher checkpoint is missing get none (a note says so)."""
+    from ..cost import training_cost
+    from ..runs import RunError
+
+    folder = analysis_dir_for(run_set.store, preset) / "cost"
+    costs, missing = {}, []
+    for entry in run_set.entries:
+        if entry.labels["seed"] != run_set.spec.seeds[0]:
+            continue
+        try:
+            costs[(entry.labels["pair"], entry.labels["method"])] = training_cost(
+                entry.config, run_set.store, folder, device=device)
+        except (RunError, OSError) as exc:
+            missing.append(f"{entry.config.run_id}: {str(exc).splitlines()[0]}")
+    if missing and verbose:
+        print("training cost not measured for " + "; ".join(missing))
+    return costs
+
+
+def _cost_machine(costs: Mapping[Any, dict]) -> str:
+    def machine(c: dict) -> str:
+        if c["device"] == "cpu":
+            return f"{c['cpu']} ({c['threads']} threads, {c['precision']})"
+        return f"{c['device']} ({c['precision']})"
+
+    return "; ".join(sorted({machine(c) for c in costs.values()}))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,16 +212,21 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
     run_set = _collect(preset, "temperature", "04_ablation_temperature", store=store, figures_dir=figures_dir,
                        spec=spec, train=train, verbose=verbose, device=device)
     spec, out, runs, first = run_set.spec, run_set.out, run_set.runs, run_set.first
-    agg = analysis.mean_std_table(runs, by=["method", "method_label", "setting", "temperature", "learnable"])
-    table = pd.DataFrame({"method": agg["method_label"], "temperature": agg["setting"], "seeds": agg["n"],
-                          **_top1_columns(agg)})
+    agg = analysis.mean_std_table(runs, by=["method", "method_label", "series", "setting", "temperature",
+                                            "learnable"])
+    table = pd.DataFrame({"method": agg["method_label"], "series": agg["series"], "temperature": agg["setting"],
+                          "seeds": agg["n"], **_top1_columns(agg)})
+    control = (" Control series: λ_CL·τ held constant at the pair's default (λ = λ₀·τ₀/τ), since the gradient "
+               "of the contrastive term scales as λ_CL/τ and the fixed-λ series also changes the loss weight."
+               if spec.temperature_control else "")
     caption = (f"Temperature ablation, preset '{preset}', {pair_label(*spec.pair)}, {data_description(first)}, "
                f"{budget_description(first)}: {TOP1} mean ± std over {_seeds_text(spec.ablation_seeds)}. "
                f"CKD with τ ∈ {list(spec.temperatures)} (other options at their defaults); DCD with its learnable "
-               f"inverse temperature and with fixed τ ∈ {list(spec.dcd_fixed_temperatures)}.")
+               f"inverse temperature and with fixed τ ∈ {list(spec.dcd_fixed_temperatures)}.{control}")
     ckd = agg[agg["method"] == "ckd"]
     dcd = agg[agg["method"] == "dcd"]
-    spread_rows = [("CKD, τ ∈ " + str(list(spec.temperatures)), ckd)]
+    spread_rows = [(f"{series}, τ ∈ {list(spec.temperatures)}", part)
+                   for series, part in ckd.groupby("series", sort=False)]
     if len(dcd):
         spread_rows += [("DCD, learnable and fixed τ", dcd), ("DCD, fixed τ only", dcd[~dcd["learnable"]])]
     spread = _spread_table(spread_rows, "setting")
@@ -186,7 +238,7 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
                                                                  caption=spread_caption)}
     analysis.write_csv(runs, out / "ablation_temperature_runs.csv")
     learn = dcd[dcd["learnable"]]
-    panels = [dict(data=ckd.assign(series="CKD"), x="temperature", y="last_top1_mean", yerr="last_top1_std",
+    panels = [dict(data=ckd, x="temperature", y="last_top1_mean", yerr="last_top1_std",
                    hue="series", logx=True, xlabel="CKD temperature τ", ylabel=TOP1, title="CKD")]
     if len(dcd):
         fixed = dcd[~dcd["learnable"]].assign(series="DCD, fixed τ")
@@ -198,8 +250,36 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
         panels, out / "ablation_temperature",
         title=f"Temperature ablation: {pair_label(*spec.pair)}, {data_description(first)}, preset {preset}, "
               f"{_seeds_text(spec.ablation_seeds)}")}
+    kappa = _dcd_kappa_curves(run_set)
+    if kappa is not None:
+        analysis.write_csv(kappa, out / "dcd_kappa_curves.csv")
+        figures["dcd_kappa"] = analysis.plot_lines(
+            kappa, x="epoch", y="kappa", hue="curve", path_stem=out / "dcd_kappa", xlabel="epoch",
+            ylabel="DCD inverse temperature κ (end of epoch)",
+            title=f"DCD's κ over training, learnable vs fixed: {pair_label(*spec.pair)}, preset {preset}")
+    elif verbose and len(dcd):
+        print("dcd_kappa: not drawn; the stored DCD runs predate the per-epoch κ record (retrain them with "
+              "--retrain to log it)")
     return StudyResult("04_ablation_temperature", preset, table, caption, runs, tables, figures,
-                       extra={"aggregate": agg, "spread": spread})
+                       extra={"aggregate": agg, "spread": spread, "dcd_kappa": kappa})
+
+
+def _dcd_kappa_curves(run_set: _RunSet):
+    """DCD's κ per epoch (``dcd_kappa`` in metrics.jsonl), one curve per run of the temperature grid; None when
+    a DCD run did not log it (runs stored before it was recorded)."""
+    import pandas as pd
+
+    rows = []
+    for entry in run_set.entries:
+        if entry.config.method != "dcd":
+            continue
+        metrics = run_set.store.metrics(entry.config.run_id)
+        if not metrics or any("dcd_kappa" not in m for m in metrics):
+            return None
+        curve = f"{entry.labels['setting']}, seed {entry.labels['seed']}"
+        rows += [{"curve": curve, "setting": entry.labels["setting"], "seed": entry.labels["seed"],
+                  "run_id": entry.config.run_id, "epoch": m["epoch"], "kappa": m["dcd_kappa"]} for m in metrics]
+    return pd.DataFrame(rows) if rows else None
 
 
 def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
@@ -216,6 +296,9 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
     refs = agg[agg["ablation"] == "reference"]
     grid = agg[agg["ablation"] != "reference"].copy()
     full = {"CKD: intra vs inter": grid.loc[grid["variant"] == "intra + inter (full CKD)", "last_top1_mean"],
+            ANCHOR_NEGATIVES: grid.loc[(grid["ablation"] == ANCHOR_NEGATIVES)
+                                       & (grid["variant"] == anchor_negatives_label(*CKD_DEFAULT_CELL)),
+                                       "last_top1_mean"],
             "MCLD components (our reimpl.)": grid.loc[grid["change"] == "defaults", "last_top1_mean"]}
     gains = []
     for _, r in grid.iterrows():
@@ -230,7 +313,12 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
                f"{data_description(first)}, {budget_description(first)}: {TOP1} mean ± std over "
                f"{_seeds_text(spec.ablation_seeds)}. CKD = intra-sample alignment + inter-sample contrast "
                f"(methods.md §2); MCLD (our reimplementation) changes one option at a time from its defaults. "
-               f"Δ: against the full method. References: {ref_text}.")
+               f"Δ: against the full method." + (
+                   f" Inter without the positive: the log-sum-exp over the negatives only (Σ_{{j≠i}}, the "
+                   f"paper's wording), beside the released Σ_j." if spec.ckd_extra_variants else "") + (
+                   f" Anchor × negatives: which side's rows anchor the InfoNCE, and whether the negatives are "
+                   f"teacher–student pairs (released) or student–student pairs; Δ against the released cell."
+                   if spec.ckd_anchor_negatives else "") + f" References: {ref_text}.")
     tables = {"ablation_intra_inter": analysis.save_table(table, out / "ablation_intra_inter", caption=caption)}
     analysis.write_csv(runs, out / "ablation_intra_inter_runs.csv")
     reference = {r["variant"]: float(r["last_top1_mean"]) for _, r in refs.iterrows()}

@@ -28,6 +28,12 @@ def _campaign_command(args: argparse.Namespace) -> int:
             print(f"campaign {campaign.name} ({campaign.folder})")
             print(format_status(campaign.status_rows(store)))
             return 0
+        import signal
+
+        def terminated(signum, frame):  # a job scheduler's or a session's SIGTERM: stop as Ctrl-C would
+            raise KeyboardInterrupt(f"signal {signum}")
+
+        signal.signal(signal.SIGTERM, terminated)
         result = run_campaign(campaign, store, minutes=args.minutes, device=args.device, data_root=args.data_dir)
     except (CampaignError, ConfigError, MethodError, RunError) as exc:
         print(f"campaign: {exc}", file=sys.stderr)

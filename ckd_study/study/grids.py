@@ -57,6 +57,13 @@ class StudySpec:
     temperatures          CKD temperatures τ of the temperature ablation
     dcd_fixed_temperatures DCD fixed τ, beside DCD's learnable temperature
     ckd_terms             CKD loss terms switched on, per intra/inter-ablation variant
+    ckd_extra_variants    further (label, CKD options) rows of the intra/inter ablation (e.g. inter only
+                          without the positive pair, the paper's Σ_{j≠i})
+    ckd_anchor_negatives  (anchor, negatives) cells of CKD's anchor × negatives grid (empty: no grid); with
+                          student–student negatives the anchor does not change the loss, so one cell stands for all
+    temperature_control   beside CKD's fixed-λ temperature series, a control series with λ_CL·τ held constant
+                          (λ = λ₀·τ₀/τ from the pair's defaults): the gradient scales as λ/τ, so the fixed-λ
+                          series mixes "temperature" with a change of loss weight
     mcld_grid             (label, MCLD options) of the MCLD component ablation; ``{}`` is the default MCLD
     analysis_methods      students shown by t-SNE and the correlation figure (runs of ``analysis_seed``)
     tsne_classes, tsne_per_class  the fixed t-SNE test subset (None: all classes / all test images of a class)
@@ -76,6 +83,9 @@ class StudySpec:
     mcld_grid: tuple[tuple[str, Mapping[str, Any]], ...]
     ckd_terms: tuple[tuple[str, ...], ...] = (("intra",), ("inter",), ("intra", "inter"))
     recipe_rows: tuple[tuple[str, str], ...] = (("ckd", "ckd_released"),)
+    ckd_extra_variants: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    ckd_anchor_negatives: tuple[tuple[str, str], ...] = ()
+    temperature_control: bool = False
     analysis_methods: tuple[str, ...] = ("ce", "kd", "crd", "ckd", "mcld", "dcd")
     tsne_classes: int | None = 20
     tsne_per_class: int | None = 50
@@ -96,6 +106,11 @@ def _preset_pair(preset: str) -> tuple[str, str]:
 
 
 _MAIN_METHODS = ("ce", "kd", "dkd", "kd_ls", "crd", "ckd", "mcld", "dcd", "dcd_kd")
+INTER_WITHOUT_POSITIVE = "inter only, without the positive (Σ_{j≠i})"
+_CKD_EXTRA_VARIANTS = ((INTER_WITHOUT_POSITIVE, {"terms": ["inter"], "inter_positive": False}),)
+_CKD_ANCHOR_NEGATIVES = (("teacher", "teacher_student"), ("student", "teacher_student"), ("both", "teacher_student"),
+                         ("teacher", "student_student"))
+CKD_DEFAULT_CELL = ("teacher", "teacher_student")  # the released code's choice
 
 STUDY: dict[str, StudySpec] = {
     # Seconds per run on a CPU (digits): the smallest grids that still exercise every table and figure.
@@ -115,8 +130,13 @@ STUDY: dict[str, StudySpec] = {
                    ("target mask same_label", {"target_mask": "same_label"})),
         tsne_classes=None,
         tsne_per_class=None,
+        ckd_extra_variants=_CKD_EXTRA_VARIANTS,
+        ckd_anchor_negatives=_CKD_ANCHOR_NEGATIVES,
+        temperature_control=True,
     ),
     # One pair on the CIFAR-100 subset; sized for a ~40-minute CPU budget (counts are data: tune them here).
+    # The CKD anchor × negatives grid, inter without the positive and the λ·τ control series are off here: at
+    # this budget their effects are below the seed spread; they run in smoke (pipeline), medium and paper.
     "quick": StudySpec(
         pairs=(_preset_pair("quick"),),
         seeds=(0, 1),
@@ -161,6 +181,9 @@ STUDY: dict[str, StudySpec] = {
         tsne_per_class=50,
         show_published=True,
         ablation_pair=_preset_pair("paper"),
+        ckd_extra_variants=_CKD_EXTRA_VARIANTS,
+        ckd_anchor_negatives=_CKD_ANCHOR_NEGATIVES,
+        temperature_control=True,
     ),
 }
 
@@ -246,14 +269,24 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "ckd", pair, s, method_options={"temperature": t})
                 out.append(Entry(_base_labels(pair, "ckd", s, setting=f"τ = {t:g}", temperature=t,
-                                              learnable=False), cfg))
+                                              learnable=False, series=FIXED_WEIGHT), cfg))
+        if spec.temperature_control:
+            defaults = _config(preset, "ckd", pair, 0).method_options
+            weight0, tau0 = float(defaults["weight"]), float(defaults["temperature"])
+            for t in spec.temperatures:
+                weight = weight0 * tau0 / t
+                for s in spec.ablation_seeds:
+                    options = {"temperature": t} if math.isclose(t, tau0) else {"temperature": t, "weight": weight}
+                    cfg = _config(preset, "ckd", pair, s, method_options=options)
+                    out.append(Entry(_base_labels(pair, "ckd", s, setting=f"τ = {t:g}, λ = {weight:g}",
+                                                  temperature=t, learnable=False, series=CONSTANT_PRODUCT), cfg))
         for t in (None, *spec.dcd_fixed_temperatures):
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "dcd", pair, s, method_options={"fixed_temperature": t})
                 setting = "learnable τ (κ = min(exp θ, 10))" if t is None else f"fixed τ = {t:g}"
                 out.append(Entry(_base_labels(pair, "dcd", s, setting=setting,
                                               temperature=float("nan") if t is None else t,
-                                              learnable=t is None), cfg))
+                                              learnable=t is None, series="DCD"), cfg))
     elif experiment == "intra_inter":
         names = {("intra",): "intra only (alignment)", ("inter",): "inter only (contrast)",
                  ("intra", "inter"): "intra + inter (full CKD)"}
@@ -263,6 +296,17 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
                 out.append(Entry(_base_labels(pair, "ckd", s, ablation="CKD: intra vs inter",
                                               variant=names.get(tuple(terms), "+".join(terms)),
                                               change=f"terms={list(terms)}"), cfg))
+        for label, options in spec.ckd_extra_variants:
+            for s in spec.ablation_seeds:
+                cfg = _config(preset, "ckd", pair, s, method_options=dict(options))
+                out.append(Entry(_base_labels(pair, "ckd", s, ablation="CKD: intra vs inter", variant=label,
+                                              change=", ".join(f"{k}={v}" for k, v in options.items())), cfg))
+        for anchor, negatives in spec.ckd_anchor_negatives:
+            for s in spec.ablation_seeds:
+                cfg = _config(preset, "ckd", pair, s, method_options={"anchor": anchor, "negatives": negatives})
+                out.append(Entry(_base_labels(pair, "ckd", s, ablation=ANCHOR_NEGATIVES,
+                                              variant=anchor_negatives_label(anchor, negatives),
+                                              change=f"anchor={anchor}, negatives={negatives}"), cfg))
         for label, options in spec.mcld_grid:
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "mcld", pair, s, method_options=dict(options))
@@ -279,6 +323,20 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
     else:
         raise StudyError(f"unknown experiment {experiment!r}; valid: {', '.join(EXPERIMENTS)}")
     return out
+
+
+FIXED_WEIGHT = "CKD, λ_CL fixed"
+CONSTANT_PRODUCT = "CKD, λ_CL·τ constant (control)"
+ANCHOR_NEGATIVES = "CKD: anchor × negatives"
+
+
+def anchor_negatives_label(anchor: str, negatives: str) -> str:
+    """A cell of CKD's anchor × negatives grid, in words (student–student negatives: the anchor is moot)."""
+    if negatives == "student_student":
+        return "student–student negatives (any anchor)"
+    released = " (released)" if (anchor, negatives) == CKD_DEFAULT_CELL else ""
+    side = {"teacher": "teacher anchor", "student": "student anchor", "both": "both anchors (mean)"}[anchor]
+    return f"{side}, teacher–student negatives{released}"
 
 
 def _unique_configs(entries: Sequence[Entry]) -> list[RunConfig]:
