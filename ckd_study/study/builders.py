@@ -109,8 +109,9 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                + ". Δ vs KD: last-epoch mean minus KD's, in percentage points; student − teacher: minus the "
                "teacher's last-epoch top-1 (positive: the student surpasses its teacher). Cost: seconds per "
                "training epoch and images/s with the teacher run live on one device (not the cache the study's "
-               "runs use), measured over a few timed steps of the seed-0 config"
-               + (f" on {_cost_machine(costs)}" if costs else "") + ". MCLD is our reimplementation "
+               "runs use), measured once over timed steps of the seed-0 config"
+               + (f" ({_cost_steps(costs)}) on {_cost_machine(costs)}" if costs else "")
+               + ". MCLD is our reimplementation "
                "(no public code); CKD and MCLD have no citable published numbers."
                + "".join(f" {METHOD_LABELS.get(f'{m}@{r}', f'{m}@{r}')}: {RECIPES[r]['label']} "
                          f"({_config(preset, m, spec.pairs[0], 0, recipe=r).epochs} epochs here), not the common "
@@ -154,6 +155,11 @@ def _main_table_costs(run_set: _RunSet, preset: str, device: Any, verbose: bool)
     if missing and verbose:
         print("training cost not measured for " + "; ".join(missing))
     return costs
+
+
+def _cost_steps(costs: Mapping[Any, dict]) -> str:
+    steps = sorted({(c["steps_timed"], c["warmup_steps"]) for c in costs.values()})
+    return "; ".join(f"{n} timed steps after {w} untimed" for n, w in steps)
 
 
 def _cost_machine(costs: Mapping[Any, dict]) -> str:
