@@ -22,7 +22,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from .config import PRESETS, ConfigError, RunConfig, make_config, teacher_config
 from .runs import RunInProgressError, RunPaused, RunStore, atomic_write_json, read_json, run, run_lock, utc_now
@@ -223,3 +223,87 @@ def _campaign_lock(campaign: Campaign, log_path: Path) -> Iterator[None]:
         yield
     finally:
         lock.__exit__(None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The report: measured beside published, hours, learning curves
+# ---------------------------------------------------------------------------------------------------------
+# |measured − published| above this (pp) marks a finished row for investigation (issue: CPU reproduction).
+INVESTIGATE_PP = 0.5
+
+
+def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path) -> dict[str, Any]:
+    """Tables and the learning-curve figure of a campaign, from the store: per run its status, last-epoch and
+    best-epoch test top-1 beside the published number (methods.md §5) and Δ = last − published, the hours it
+    took here (its epochs' train + eval time, all attempts), and a flag where a finished run is more than
+    :data:`INVESTIGATE_PP` pp from its published number. Unfinished runs show the epochs done and their latest
+    top-1 (never a final number). Writes ``<figures_dir>/reproduction_<teacher>-<student>{.csv,.md}`` and
+    ``..._curves{.png,.pdf}``; returns ``{"table", "curves", "files"}``."""
+    import pandas as pd
+
+    from . import analysis
+    from .published import PUBLISHED
+
+    teacher_cfg = campaign.configs[0]
+    student = campaign.configs[1].student if len(campaign.configs) > 1 else None
+    pair = (teacher_cfg.student, student)
+    published = PUBLISHED.get(pair, {})
+    stem = f"reproduction_{pair[0]}-{pair[1]}"
+    out = Path(figures_dir)
+    rows, curves = [], []
+    for i, config in enumerate(campaign.configs):
+        key = "teacher" if i == 0 else config.method
+        label = f"teacher ({config.student})" if i == 0 else (
+            "CE (student alone)" if config.method == "ce" else config.method.upper().replace("_LS", "+LS")
+            .replace("_KD", "+KD"))
+        summary = store.summary(config.run_id)
+        metrics = store.metrics(config.run_id)
+        hours = sum(m["epoch_time_s"] + m.get("eval_time_s", 0.0) for m in metrics) / 3600
+        done = metrics[-1]["epoch"] if metrics else 0
+        last = summary["last_top1"] if summary else None
+        best = summary["best_top1"] if summary else None
+        pub = published.get(key)
+        delta = last - pub if last is not None and pub is not None else None
+        status = "finished" if summary else (f"{done}/{config.epochs} epochs" if done else "not started")
+        rows.append({"run": label, "run id": config.run_id, "status": status,
+                     "last-epoch top-1 (%)": analysis.format_number(last),
+                     "best-epoch top-1 (%)": analysis.format_number(best) + (
+                         f" (epoch {summary['best_epoch']})" if summary else ""),
+                     "latest test top-1 (%)": analysis.format_number(
+                         metrics[-1].get("test_top1") if metrics and not summary else None),
+                     "published (%)": analysis.format_number(pub),
+                     "Δ last − published (pp)": analysis.format_number(delta, signed=True),
+                     "hours here": analysis.format_number(hours if metrics else None, digits=1),
+                     "investigate": "yes" if delta is not None and abs(delta) > INVESTIGATE_PP else ""})
+        curves += [{"run": label, "epoch": m["epoch"], "test_top1": m["test_top1"]}
+                   for m in metrics if m.get("test_top1") is not None]
+    table = pd.DataFrame(rows)
+    machine = _machine_of(store, campaign)
+    caption = (f"Reproduction of the published {pair[0]} → {pair[1]} row (methods.md §5) at the '{teacher_cfg.preset}' "
+               f"recipe ({campaign.configs[-1].epochs} epochs, batch {campaign.configs[-1].batch_size}, seed "
+               f"{campaign.configs[-1].seed}, {teacher_cfg.precision}) on {machine}. Measured, never tuned or selected: "
+               f"one seed per run. Δ: last-epoch top-1 minus the published number; rows more than {INVESTIGATE_PP} pp "
+               f"away are marked for investigation. Hours: the run's train + evaluation time on this machine. "
+               f"Unfinished runs show their latest test top-1 only. CKD and MCLD publish no citable number.")
+    files = [analysis.save_table(table, out / stem, caption=caption)]
+    curve_frame = pd.DataFrame(curves, columns=["run", "epoch", "test_top1"])
+    analysis.write_csv(curve_frame, out / f"{stem}_curves.csv")
+    figure = None
+    if len(curve_frame):
+        figure = analysis.plot_lines(curve_frame, x="epoch", y="test_top1", hue="run", path_stem=out / f"{stem}_curves",
+                                     xlabel="epoch", ylabel="test top-1 (%)",
+                                     title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: test top-1 per epoch")
+    return {"table": table, "curves": curve_frame, "figure": figure, "files": files}
+
+
+def _machine_of(store: RunStore, campaign: Campaign) -> str:
+    """The CPU/GPU the campaign's runs trained on, from their environment records."""
+    machines = []
+    for config in campaign.configs:
+        path = store.run_dir(config.run_id) / "environment.json"
+        if path.exists():
+            env = read_json(path)
+            device = env.get("device", "?")
+            threads = f", {env['torch_threads']} threads" if str(device).startswith("cpu") else ""
+            machines.append(f"{env.get('device_name', device)} ({device}{threads})")
+    return ", ".join(dict.fromkeys(machines)) or "no machine yet"

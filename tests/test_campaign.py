@@ -115,3 +115,32 @@ def test_an_interrupted_campaign_exports_its_last_saved_epoch(tmp_path, monkeypa
     assert run_campaign(Campaign.open(store, "smoke", methods=("ce",)), store, minutes=30, out=lines.append)["finished"]
     attempts = [json.loads(line) for line in (store.run_dir(teacher_id) / "attempts.jsonl").read_text().splitlines()]
     assert [a["start_epoch"] for a in attempts] == [0, 1]
+
+
+def test_campaign_report_puts_measured_beside_published(tmp_path, monkeypatch):
+    """The report's numbers come from the run records: last/best top-1, Δ against the published number (a fake
+    published row for the smoke pair, so that Δ and the 0.5 pp flag are checked), hours = the epochs' times."""
+    import ckd_study.published as published
+    from ckd_study.campaign import report_campaign
+
+    store = RunStore(tmp_path / "results")
+    campaign = Campaign.open(store, "smoke", methods=METHODS)
+    run_campaign(campaign, store, minutes=30, out=lambda line: None)
+    teacher, kd, ce = (store.summary(c.run_id) for c in campaign.configs)
+    fake = {"teacher": teacher["last_top1"] + 0.25, "kd": kd["last_top1"] - 3.0}
+    monkeypatch.setitem(published.PUBLISHED, ("resnet14", "resnet8"), fake)
+    report = report_campaign(campaign, store, tmp_path / "figures")
+    rows = {r["run id"]: r for _, r in report["table"].iterrows()}
+    t, k, c = (rows[cfg.run_id] for cfg in campaign.configs)
+    assert t["last-epoch top-1 (%)"] == f"{teacher['last_top1']:.2f}" and t["status"] == "finished"
+    assert t["Δ last − published (pp)"] == "-0.25" and t["investigate"] == ""
+    assert k["Δ last − published (pp)"] == "+3.00" and k["investigate"] == "yes"
+    assert c["published (%)"] == "–" and c["Δ last − published (pp)"] == "–"
+    assert k["best-epoch top-1 (%)"] == f"{kd['best_top1']:.2f} (epoch {kd['best_epoch']})"
+    hours = sum(m["epoch_time_s"] + m["eval_time_s"] for m in store.metrics(campaign.configs[1].run_id)) / 3600
+    assert k["hours here"] == f"{hours:.1f}"
+    curves = report["curves"]
+    assert len(curves) == sum(cfg.epochs for cfg in campaign.configs)
+    assert (tmp_path / "figures" / "reproduction_resnet14-resnet8_curves.png").exists()
+    md = (tmp_path / "figures" / "reproduction_resnet14-resnet8.md").read_text()
+    assert "never tuned or selected" in md and "0.5 pp" in md

@@ -28,6 +28,15 @@ def _campaign_command(args: argparse.Namespace) -> int:
             print(f"campaign {campaign.name} ({campaign.folder})")
             print(format_status(campaign.status_rows(store)))
             return 0
+        if args.report:
+            from ..campaign import report_campaign
+            from .collect import figures_dir_for
+
+            report = report_campaign(campaign, store, figures_dir_for(args.preset, args.figures_dir))
+            print(report["table"].drop(columns=["run id"]).to_string(index=False))
+            print("wrote " + ", ".join(str(p) for files in report["files"] for p in files.values())
+                  + ("" if report["figure"] is None else ", " + ", ".join(str(p) for p in report["figure"].values())))
+            return 0
         import signal
 
         def terminated(signum, frame):  # a job scheduler's or a session's SIGTERM: stop as Ctrl-C would
@@ -129,6 +138,10 @@ def _main(argv: Sequence[str]) -> int:
     cam.add_argument("--data-dir", default=None)
     cam.add_argument("--results-dir", default=None)
     cam.add_argument("--status", action="store_true", help="print where the campaign stands and exit")
+    cam.add_argument("--report", action="store_true",
+                     help="write the campaign's tables (measured beside published, hours) and learning curves to "
+                          "<figures>/<preset>/ from the store, and exit")
+    cam.add_argument("--figures-dir", default=None, help="base folder of the report (default: figures/)")
     la = sub.add_parser("launch", help="train every run of a preset's plan with local workers or as SLURM jobs "
                                        "(see ckd_study/launch.py); rerun to continue")
     la.add_argument("--preset", choices=available_presets(), required=True)
