@@ -20,7 +20,7 @@ import torch
 
 from .config import RunConfig
 from .files import atomic_write_json
-from .runs import RunError, RunStore, cpu_name, dataset_for, read_json, utc_now
+from .runs import RunError, RunStore, cpu_name, read_json, utc_now
 
 
 class _Enough(Exception):
@@ -30,20 +30,12 @@ class _Enough(Exception):
 def measure_training_cost(config: RunConfig, store: RunStore, *, steps: int = 20, warmup: int = 3,
                           device: Any = None, data_root: str | Path | None = None) -> dict:
     """Time ``steps`` training steps of ``config`` (after ``warmup``), the teacher live; returns the record."""
-    from .methods import create_method
-    from .models import create_model
-    from .runs import _frozen_teacher
-    from .train import DeviceSetup, LiveTeacher, Trainer
+    from .runs import training_parts
+    from .train import LiveTeacher, Trainer
 
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0, got steps={steps}, warmup={warmup}")
-    setup = DeviceSetup.for_device(device, config.precision)
-    data = dataset_for(config, setup.device, data_root)
-    torch.manual_seed(config.seed)
-    student = create_model(config.student, data.num_classes)
-    teacher = _frozen_teacher(config, store, data, setup) if config.teacher is not None else None
-    method = create_method(config.method, student, teacher, num_train=len(data.x_train),
-                           train_labels=data.y_train, **config.method_options)
+    setup, data, student, teacher, method = training_parts(config, store, device, data_root)
     source = LiveTeacher(teacher, setup) if teacher is not None else None
     marks: list[float] = []
 

@@ -468,7 +468,7 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
     epoch, when the next epoch would not end before it (estimated from the last epoch), raising
     :class:`RunPaused`; ``on_epoch(config, record)`` is called after every saved epoch (progress reports).
     """
-    from .train import DeviceSetup, LiveTeacher, Trainer
+    from .train import Trainer
 
     store = store or RunStore()
     run_id = config.run_id
@@ -500,13 +500,7 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
             return finished
         _check_or_write_config(run_dir, config)
 
-        setup = DeviceSetup.for_device(device, config.precision)
-        data = dataset_for(config, setup.device, data_root)
-        torch.manual_seed(config.seed)
-        student = create_model(config.student, data.num_classes)
-        teacher_model = _frozen_teacher(config, store, data, setup) if config.teacher is not None else None
-        method = create_method(config.method, student, teacher_model, num_train=len(data.x_train),
-                               train_labels=data.y_train, **config.method_options)
+        setup, data, student, teacher_model, method = training_parts(config, store, device, data_root)
         teacher_source = None
         if teacher_model is not None:
             teacher_source = _teacher_source(config, teacher_model, teacher_summary, data, setup, store)
@@ -619,6 +613,22 @@ def _removed_on_failure(run_dir: Path | None) -> Iterator[None]:
 
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
+
+
+def training_parts(config: RunConfig, store: RunStore, device=None, data_root: str | Path | None = None):
+    """What a run of ``config`` trains with, built in the order that fixes its random initialisation: the device
+    setup, the dataset, the student (seeded), the frozen teacher from its finished run (or None) and the method
+    with its extra modules. Shared by :func:`run` and the cost measurement (``ckd_study.cost``)."""
+    from .train import DeviceSetup
+
+    setup = DeviceSetup.for_device(device, config.precision)
+    data = dataset_for(config, setup.device, data_root)
+    torch.manual_seed(config.seed)
+    student = create_model(config.student, data.num_classes)
+    teacher_model = _frozen_teacher(config, store, data, setup) if config.teacher is not None else None
+    method = create_method(config.method, student, teacher_model, num_train=len(data.x_train),
+                           train_labels=data.y_train, **config.method_options)
+    return setup, data, student, teacher_model, method
 
 
 def _frozen_teacher(config: RunConfig, store: RunStore, data: ImageDataset, setup) -> ZooModel:

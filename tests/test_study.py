@@ -56,12 +56,25 @@ def test_grids_are_data_for_every_preset():
         for experiment in study.EXPERIMENTS:
             entries = study.experiment_configs(preset, experiment)
             assert entries, (preset, experiment)
-            assert all(e.config.preset == preset for e in entries)
+            # the teachers notebook lists the teacher runs, trained under the preset's teacher preset
+            home = PRESETS[preset].get("teacher_preset", preset) if experiment == "teachers" else preset
+            assert all(e.config.preset == home for e in entries), (preset, experiment)
     quick = study.STUDY["quick"]
     assert quick.pairs == ((PRESETS["quick"]["teacher_student"], PRESETS["quick"]["student"]),)
     assert len(quick.seeds) == 2
     paper = study.STUDY["paper"]
     assert len(paper.pairs) == 11 and len(paper.seeds) == 3 and paper.show_published
+    # medium: full data, resnet56 -> resnet20, the paper recipe's teacher run (no second teacher), 2 seeds
+    from ckd_study.campaign import plan_campaign
+    from ckd_study.launch import launch_plan
+
+    medium = launch_plan("medium")
+    teachers = {c.teacher.run_id for c in medium if c.teacher is not None}
+    assert teachers == {plan_campaign("paper", ("resnet56", "resnet20"))[0].run_id}
+    students = [c for c in medium if c.teacher is not None]
+    assert all((c.dataset, c.train_per_class, c.student, c.schedule) == ("cifar100", None, "resnet20", "cosine")
+               for c in students)
+    assert study.STUDY["medium"].seeds == study.STUDY["medium"].ablation_seeds == (0, 1)
     assert paper.pair == ("resnet32x4", "resnet8x4")
     assert study.PUBLISHED[("resnet32x4", "resnet8x4")]["kd"] == 73.33
     assert study.PUBLISHED[("resnet32x4", "ShuffleV1")].get("kd_ls") is None
