@@ -31,7 +31,7 @@ def test_training_benchmark_table_quotes_its_json(records):
     results_md, readme = records
     bench = json.loads((RESULTS / "bench_training_cpu.json").read_text())
     variants = bench["variants"]
-    rows = _rows(results_md, tuple(variants))
+    rows = _rows(results_md.split("## 1b.")[0], tuple(variants))  # section 1 (1b re-measures the same variants)
     assert set(rows) == set(variants)
     for name, v in variants.items():
         assert rows[name][1] == f"{v['images_per_s']:.1f}", name
@@ -55,3 +55,21 @@ def test_cache_study_table_quotes_its_json(records):
     warm, table = f"{study['speedup_warm_vs_live']:.2f}×", f"{study['table']['speedup']:.2f}×"
     assert f"**{warm}**" in results_md and f"**{table}**" in results_md
     assert f"({warm})" in readme and f"({table})" in readme
+
+
+@pytest.mark.parametrize("name", ["bench_training_cpu_2026-11-29.json",
+                                  "bench_training_cpu_resnet56-resnet20_2026-11-29.json"])
+def test_remeasured_training_benchmark_quotes_its_json(records, name):
+    """Section 1b: the 2026-11-29 measurement with the precision column and both CPU targets."""
+    results_md, _ = records
+    bench = json.loads((RESULTS / name).read_text())
+    assert f"`benchmarks/results/{name}`" in results_md
+    ref = bench["variants"]["reference"]["images_per_s"]
+    for variant, v in bench["variants"].items():
+        row = (f"| {variant} | {v['precision']} | {v['images_per_s']:.1f} | {v['images_per_s'] / ref:.2f}× | "
+               f"{v['seconds_per_epoch_50k']:,.1f} | {v['projected_240_epochs_h']:.2f} |")
+        assert row in results_md, row
+    target = bench["target"]
+    assert target["thresholds"] == {"ours_live": 2.0, "ours_cached": 5.0} and not target["met"]
+    for variant, ratio in target["ratios"].items():
+        assert f"{variant} / reference = {ratio:.2f}× (target ≥ {target['thresholds'][variant]:g}×)" in results_md
