@@ -243,6 +243,7 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
 
     from . import analysis
     from .published import PUBLISHED
+    from .study.grids import METHOD_LABELS  # the study's own method labels (imported here: study imports us)
 
     teacher_cfg = campaign.configs[0]
     student = campaign.configs[1].student if len(campaign.configs) > 1 else None
@@ -253,9 +254,7 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
     rows, curves = [], []
     for i, config in enumerate(campaign.configs):
         key = "teacher" if i == 0 else config.method
-        label = f"teacher ({config.student})" if i == 0 else (
-            "CE (student alone)" if config.method == "ce" else config.method.upper().replace("_LS", "+LS")
-            .replace("_KD", "+KD"))
+        label = f"teacher ({config.student})" if i == 0 else METHOD_LABELS.get(config.method, config.method)
         summary = store.summary(config.run_id)
         metrics = store.metrics(config.run_id)
         hours = sum(m["epoch_time_s"] + m.get("eval_time_s", 0.0) for m in metrics) / 3600
