@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .config import PRESETS, ConfigError, RunConfig, make_config, teacher_config
-from .runs import RunInProgressError, RunPaused, RunStore, atomic_write_json, read_json, run, run_lock, utc_now
+from .runs import (RunInProgressError, RunPaused, RunStore, atomic_write_json, next_epoch_seconds, read_json, run,
+                   run_lock, utc_now)
 
 # The students of a campaign, in the order they train (after the teacher); "ce" is the student alone.
 CAMPAIGN_METHODS = ("kd", "ckd", "dkd", "ce", "crd", "dcd", "kd_ls", "mcld", "dcd_kd")
@@ -110,12 +111,12 @@ class Campaign:
             summary = store.summary(config.run_id)
             metrics = [] if summary else store.metrics(config.run_id)
             done = config.epochs if summary else (metrics[-1]["epoch"] if metrics else 0)
-            times = [m["epoch_time_s"] + m.get("eval_time_s", 0.0) for m in metrics]
+            per_epoch = next_epoch_seconds(metrics)
             rows.append({"position": i, "run_id": config.run_id, "method": config.method if i else "teacher",
                          "status": store.status(config.run_id), "epochs_done": done, "epochs": config.epochs,
                          "last_top1": summary["last_top1"] if summary else
                          (metrics[-1].get("test_top1") if metrics else None),
-                         "eta_s": (config.epochs - done) * sum(times[-5:]) / len(times[-5:]) if times else None})
+                         "eta_s": None if per_epoch is None else (config.epochs - done) * per_epoch})
         return rows
 
 
@@ -140,8 +141,8 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
                  data_root: str | Path | None = None, out: Callable[[str], None] = print) -> dict:
     """Train the campaign's unfinished runs in order until done or ``minutes`` are nearly up.
 
-    Stops only after a saved epoch, when the next epoch (estimated from the last one) would not end in time; the
-    paused run's checkpoint is exported in committable parts. Returns ``{"finished": bool, "paused": run id or
+    Stops only after a saved epoch, when the next epoch (the median of the run's recent epochs) would not end in
+    time; the paused run's checkpoint is exported in committable parts. Returns ``{"finished": bool, "paused": run id or
     None, "rows": status rows}``. A second process on the same campaign raises :class:`CampaignError`.
     """
     if minutes <= 0:

@@ -67,9 +67,14 @@ def launch_plan(preset: str, spec: Any = None) -> list[RunConfig]:
     for experiment in EXPERIMENTS:
         for config in _unique_configs(experiment_configs(preset, experiment, spec)):
             add(config)
-    teacher_ids = {c.teacher.run_id for c in ordered.values() if c.teacher is not None}
     configs = list(ordered.values())
+    teacher_ids = _teacher_ids(configs)
     return [c for c in configs if c.run_id in teacher_ids] + [c for c in configs if c.run_id not in teacher_ids]
+
+
+def _teacher_ids(configs: Sequence[RunConfig]) -> set[str]:
+    """The run ids that some run of ``configs`` distils from."""
+    return {c.teacher.run_id for c in configs if c.teacher is not None}
 
 
 def launch_dir(store: RunStore, preset: str) -> Path:
@@ -472,7 +477,7 @@ def launch_status(preset: str, store: RunStore, configs: Sequence[RunConfig] | N
     configs = list(configs) if configs is not None else launch_plan(preset)
     records = {c.run_id: read_state(store, preset, c.run_id) for c in configs}
     queue = squeue_jobs(r.get("job_id") for r in records.values() if r.get("executor") == "slurm")
-    teacher_ids = {c.teacher.run_id for c in configs if c.teacher is not None}
+    teacher_ids = _teacher_ids(configs)
     rows = []
     for config in configs:
         run_id, record = config.run_id, records[config.run_id]

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import platform
+import statistics
 import socket
 import subprocess
 import sys
@@ -455,6 +456,28 @@ def dataset_for(config: RunConfig, device: torch.device, data_root: str | Path |
     return _DATA_CACHE[key]
 
 
+EPOCH_ESTIMATE_WINDOW = 3
+
+
+def next_epoch_seconds(history: list[dict], window: int = EPOCH_ESTIMATE_WINDOW) -> float | None:
+    """The expected wall time of the next epoch: the median of the last ``window`` epochs' training + evaluation
+    seconds (None without any). A median, not the last epoch: one epoch stretched by a pause (SIGSTOP, a
+    suspended laptop, a resume's first epoch on a busy machine) must not make a time-boxed run stop at once,
+    while two slow epochs in a row (a machine that really got slower) do move the estimate."""
+    times = [m["epoch_time_s"] + m.get("eval_time_s", 0.0) for m in history[-window:]]
+    return statistics.median(times) if times else None
+
+
+def time_for_another_epoch(history: list[dict], stop_at: float | None, now: float | None = None) -> bool:
+    """Whether a run with ``history`` may start another epoch before the ``stop_at`` deadline: the estimate
+    (:func:`next_epoch_seconds`) plus a 10 % + 5 s margin must end in time. No deadline, or no epoch yet
+    to estimate from, always may."""
+    estimate = next_epoch_seconds(history)
+    if stop_at is None or estimate is None:
+        return True
+    return (time.time() if now is None else now) + 1.1 * estimate + 5.0 <= stop_at
+
+
 def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch.device | None = None,
         quiet: bool = False, wait: bool = False, data_root: str | Path | None = None,
         step_hook=None, stop_at: float | None = None, on_epoch=None, wait_timeout: float | None = None,
@@ -465,7 +488,7 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
     :class:`RunInProgressError` (saying who holds it on stderr; ``wait_timeout`` seconds at most).
     ``retrain=True`` moves the run's folder aside (``<run id>.replaced-<time>``, nothing is deleted) and trains
     it again: the way back from corrupt weights or records. ``stop_at`` (a ``time.time()`` deadline) stops the run cleanly, after a saved
-    epoch, when the next epoch would not end before it (estimated from the last epoch), raising
+    epoch, when the next epoch would not end before it (:func:`time_for_another_epoch`), raising
     :class:`RunPaused`; ``on_epoch(config, record)`` is called after every saved epoch (progress reports).
     """
     from .train import Trainer
@@ -538,11 +561,7 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
                 on_epoch(config, record)
 
         def keep_going(tr: Trainer, epoch: int) -> bool:
-            if stop_at is None or not tr.state.history:
-                return True
-            last = tr.state.history[-1]
-            needed = 1.1 * (last["epoch_time_s"] + last.get("eval_time_s", 0.0)) + 5.0
-            return time.time() + needed <= stop_at
+            return time_for_another_epoch(tr.state.history, stop_at)
 
         try:
             state = trainer.fit(on_epoch_end=save, keep_going=keep_going)

@@ -10,7 +10,7 @@ import pytest
 
 from ckd_study.campaign import Campaign, CampaignError, _campaign_lock, parse_pair, plan_campaign, run_campaign
 from ckd_study.config import ConfigError
-from ckd_study.runs import RunStore, run
+from ckd_study.runs import RunStore, next_epoch_seconds, run, time_for_another_epoch
 from ckd_study.study import main as study_main
 
 METHODS = ("kd", "ce")
@@ -29,6 +29,29 @@ def test_plan_is_the_teacher_then_the_students_in_order():
     assert parse_pair("resnet56-resnet20") == ("resnet56", "resnet20")
     with pytest.raises(ConfigError, match="TEACHER-STUDENT"):
         parse_pair("resnet56")
+
+
+def _epochs(*seconds):
+    return [{"epoch": i + 1, "epoch_time_s": s - 10.0, "eval_time_s": 10.0} for i, s in enumerate(seconds)]
+
+
+def test_the_next_epoch_is_estimated_from_the_median_of_recent_epochs():
+    # A resumed run whose last recorded epoch was stretched by a pause (1,000 s instead of ~100 s) still trains
+    # in a 30-min box: the median of the last three epochs is the estimate, not the last epoch.
+    paused_once = _epochs(100, 104, 1000)
+    assert next_epoch_seconds(paused_once) == 104
+    assert time_for_another_epoch(paused_once, stop_at=1000.0 + 1800.0, now=1000.0)
+    # Two slow epochs in a row move it: the machine really got slower.
+    slower = _epochs(100, 900, 1000)
+    assert next_epoch_seconds(slower) == 900
+    assert not time_for_another_epoch(slower, stop_at=1000.0 + 900.0, now=1000.0)
+    # Only the last three count; the margin is 10 % + 5 s.
+    assert next_epoch_seconds(_epochs(5000, 5000, 100, 100, 100)) == 100
+    assert time_for_another_epoch(_epochs(100), stop_at=115.5, now=0.0)
+    assert not time_for_another_epoch(_epochs(100), stop_at=114.5, now=0.0)
+    # No deadline, or nothing to estimate from: train.
+    assert time_for_another_epoch([], stop_at=0.0, now=1.0) and time_for_another_epoch(paused_once, None)
+    assert next_epoch_seconds([]) is None
 
 
 def test_campaign_stops_at_its_time_limit_resumes_from_committed_parts_and_finishes(tmp_path):
