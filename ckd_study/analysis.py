@@ -417,14 +417,18 @@ def plot_lines(data, *, x: str, y: str, hue: str, path_stem: str | Path, title: 
                                   ylabel=ylabel)], path_stem, title=title)
 
 
-def plot_line_panels(panels: Sequence[Mapping[str, Any]], path_stem: str | Path, *, title: str) -> dict[str, Path]:
-    """Several line plots side by side. Each panel is a dict with ``data, x, y, hue`` and optionally ``yerr``,
-    ``logx``, ``xlabel``, ``ylabel``, ``title`` and ``hlines`` (``{label: (value, err)}``: a horizontal reference
-    line with a ±err band, e.g. DCD's learnable temperature beside its fixed ones)."""
+def plot_line_panels(panels: Sequence[Mapping[str, Any]], path_stem: str | Path, *, title: str,
+                     max_cols: int = 4) -> dict[str, Path]:
+    """Several line plots side by side (at most ``max_cols`` a row). Each panel is a dict with ``data, x, y, hue``
+    and optionally ``yerr``, ``logx``, ``xlabel``, ``ylabel``, ``title`` and ``hlines`` (``{label: (value, err)}``:
+    a horizontal reference line with a ±err band, e.g. DCD's learnable temperature beside its fixed ones)."""
     if not panels:
         raise ValueError("plot_line_panels: no panels")
-    fig = new_figure(5.2 * len(panels), 3.9)
-    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    rows, cols = _grid(len(panels), max_cols)
+    fig = new_figure(5.2 * cols, 3.9 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols, squeeze=False)).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
     for ax, panel in zip(axes, panels):
         _lines_on(ax, panel["data"], x=panel["x"], y=panel["y"], hue=panel["hue"], yerr=panel.get("yerr"),
                   logx=panel.get("logx", False), xlabel=panel.get("xlabel", panel["x"]),

@@ -252,7 +252,7 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
     published = PUBLISHED.get(pair, {})
     stem = f"reproduction_{pair[0]}-{pair[1]}"
     out = Path(figures_dir)
-    rows, curves = [], []
+    rows, curves, terms = [], [], []
     for i, config in enumerate(campaign.configs):
         key = "teacher" if i == 0 else config.method
         label = f"teacher ({config.student})" if i == 0 else METHOD_LABELS.get(config.method, config.method)
@@ -265,18 +265,23 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
         pub = published.get(key)
         delta = last - pub if last is not None and pub is not None else None
         status = "finished" if summary else (f"{done}/{config.epochs} epochs" if done else "not started")
+        decay = _before_first_decay(config, metrics)
         rows.append({"run": label, "run id": config.run_id, "status": status,
                      "last-epoch top-1 (%)": analysis.format_number(last),
                      "best-epoch top-1 (%)": analysis.format_number(best) + (
                          f" (epoch {summary['best_epoch']})" if summary else ""),
                      "latest test top-1 (%)": analysis.format_number(
                          metrics[-1].get("test_top1") if metrics and not summary else None),
+                     "top-1 before 1st lr decay (%)": "–" if decay is None else
+                     f"{decay[1]:.2f} (epoch {decay[0]})",
                      "published (%)": analysis.format_number(pub),
                      "Δ last − published (pp)": analysis.format_number(delta, signed=True),
                      "hours here": analysis.format_number(hours if metrics else None, digits=1),
                      "investigate": "yes" if delta is not None and abs(delta) > INVESTIGATE_PP else ""})
         curves += [{"run": label, "epoch": m["epoch"], "test_top1": m["test_top1"]}
                    for m in metrics if m.get("test_top1") is not None]
+        terms += [{"run": label, "epoch": m["epoch"], "term": key, "value": value}
+                  for m in metrics for key, value in m.items() if key in _loss_term_keys(metrics)]
     table = pd.DataFrame(rows)
     machine = _machine_of(store, campaign)
     caption = (f"Reproduction of the published {pair[0]} → {pair[1]} row (methods.md §5) at the '{teacher_cfg.preset}' "
@@ -293,17 +298,57 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
         figure = analysis.plot_lines(curve_frame, x="epoch", y="test_top1", hue="run", path_stem=out / f"{stem}_curves",
                                      xlabel="epoch", ylabel="test top-1 (%)",
                                      title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: test top-1 per epoch")
-    return {"table": table, "curves": curve_frame, "figure": figure, "files": files}
+    # What a row more than INVESTIGATE_PP away is looked at with: each run's training loss terms per epoch.
+    term_frame = pd.DataFrame(terms, columns=["run", "epoch", "term", "value"])
+    analysis.write_csv(term_frame, out / f"{stem}_loss_terms.csv")
+    if len(term_frame):
+        panels = [dict(data=group, x="epoch", y="value", hue="term", xlabel="epoch", ylabel="training loss term",
+                       title=run_label) for run_label, group in term_frame.groupby("run", sort=False)]
+        analysis.plot_line_panels(panels, out / f"{stem}_loss_terms",
+                                  title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: training loss terms per "
+                                        f"epoch (epoch means of the weighted terms the loop summed)")
+    return {"table": table, "curves": curve_frame, "loss_terms": term_frame, "figure": figure, "files": files}
+
+
+def _loss_term_keys(metrics: Sequence[dict]) -> set[str]:
+    """The per-epoch training loss terms a run logged (``train_<term>`` and their sum ``train_loss``), not its
+    training accuracy."""
+    return {k for m in metrics for k in m if k.startswith("train_") and k != "train_top1"}
+
+
+def _before_first_decay(config: RunConfig, metrics: Sequence[dict]) -> tuple[int, float] | None:
+    """(epoch, test top-1) at the last epoch before the step schedule's first learning-rate decay, once trained
+    (None for other schedules or before then): where a curve's shape first shows a recipe difference."""
+    if config.schedule != "step" or not config.milestones or config.milestones[0] > config.epochs:
+        return None
+    epoch = config.milestones[0]
+    top1 = next((m.get("test_top1") for m in metrics if m["epoch"] == epoch), None)
+    return None if top1 is None else (epoch, top1)
 
 
 def _machine_of(store: RunStore, campaign: Campaign) -> str:
-    """The CPU/GPU the campaign's runs trained on, from their environment records."""
-    machines = []
+    """The CPUs/GPUs the campaign's runs trained on, from every attempt's environment record (a resumed run may
+    have used another thread count or machine), e.g. ``AMD EPYC (cpu, 1–2 threads)``."""
+    from .runs import _attempts
+
+    machines: dict[tuple[str, str], set[int]] = {}
     for config in campaign.configs:
-        path = store.run_dir(config.run_id) / "environment.json"
-        if path.exists():
-            env = read_json(path)
-            device = env.get("device", "?")
-            threads = f", {env['torch_threads']} threads" if str(device).startswith("cpu") else ""
-            machines.append(f"{env.get('device_name', device)} ({device}{threads})")
-    return ", ".join(dict.fromkeys(machines)) or "no machine yet"
+        run_dir = store.run_dir(config.run_id)
+        records = _attempts(run_dir) or ([read_json(run_dir / "environment.json")]
+                                         if (run_dir / "environment.json").exists() else [])
+        for env in records:
+            device = str(env.get("device", "?"))
+            threads = machines.setdefault((str(env.get("device_name", device)), device), set())
+            if device.startswith("cpu") and env.get("torch_threads"):
+                threads.add(int(env["torch_threads"]))
+    parts = []
+    for (name, device), threads in machines.items():
+        low, high = (min(threads), max(threads)) if threads else (None, None)
+        if low is None:
+            count = ""
+        elif low == high:
+            count = f", {low} thread" + ("s" if low > 1 else "")
+        else:
+            count = f", {low}–{high} threads"
+        parts.append(f"{name} ({device}{count})")
+    return ", ".join(parts) or "no machine yet"

@@ -162,8 +162,23 @@ def test_campaign_report_puts_measured_beside_published(tmp_path, monkeypatch):
     assert k["best-epoch top-1 (%)"] == f"{kd['best_top1']:.2f} (epoch {kd['best_epoch']})"
     hours = sum(m["epoch_time_s"] + m["eval_time_s"] for m in store.metrics(campaign.configs[1].run_id)) / 3600
     assert k["hours here"] == f"{hours:.1f}"
+    # The smoke recipe decays the lr after epoch 2 (milestones (2,)): the test top-1 of epoch 2 is "before".
+    kd_metrics = store.metrics(campaign.configs[1].run_id)
+    assert campaign.configs[1].milestones == (2,)
+    assert k["top-1 before 1st lr decay (%)"] == f"{kd_metrics[1]['test_top1']:.2f} (epoch 2)"
     curves = report["curves"]
     assert len(curves) == sum(cfg.epochs for cfg in campaign.configs)
+    # The loss terms each run logged, per epoch, for the investigation of a row far from its published number.
+    terms = report["loss_terms"]
+    kd_terms = terms[terms["run"] == "KD"]
+    assert set(kd_terms["term"]) == {"train_ce", "train_kd", "train_loss"}
+    for _, row in kd_terms.iterrows():
+        assert row["value"] == kd_metrics[row["epoch"] - 1][row["term"]]
+    assert set(terms[terms["run"] == "teacher (resnet14)"]["term"]) == {"train_ce", "train_loss"}
+    assert (tmp_path / "figures" / "reproduction_resnet14-resnet8_loss_terms.png").exists()
     assert (tmp_path / "figures" / "reproduction_resnet14-resnet8_curves.png").exists()
     md = (tmp_path / "figures" / "reproduction_resnet14-resnet8.md").read_text()
     assert "never tuned or selected" in md and "0.5 pp" in md
+    threads = {json.loads(line)["torch_threads"] for cfg in campaign.configs
+               for line in (store.run_dir(cfg.run_id) / "attempts.jsonl").read_text().splitlines()}
+    assert len(threads) == 1 and f"(cpu, {threads.pop()} thread" in md
