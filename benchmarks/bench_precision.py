@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Train-step speed per precision: fp32 eager against bf16 autocast + channels_last, per zoo model.
+"""Train-step speed per precision: fp32 eager, fp32 channels_last and bf16 autocast + channels_last, per zoo model.
 
 Usage:  python benchmarks/bench_precision.py [--models resnet20,resnet56,...] [--batch-size 64] [--steps 9]
             [--threads N] [--device cpu] [--json PATH]
@@ -15,6 +15,7 @@ emulated and slower than fp32, which is why ``auto`` then picks fp32. No test as
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -33,12 +34,15 @@ from ckd_study.models import create_model  # noqa: E402
 from ckd_study.runs import cpu_name  # noqa: E402
 from ckd_study.train import DeviceSetup  # noqa: E402
 
-PRECISIONS = ("fp32", "bf16")
+# (label, precision, channels_last override or None for the setup's own choice)
+VARIANTS = (("fp32", "fp32", None), ("fp32_channels_last", "fp32", True), ("bf16", "bf16", None))
 
 
 def images_per_s(model_name: str, precision: str, *, device: str, batch_size: int, steps: int,
-                 train: bool) -> float:
+                 train: bool, channels_last: bool | None = None) -> float:
     setup = DeviceSetup.for_device(device, precision)
+    if channels_last is not None:
+        setup = dataclasses.replace(setup, channels_last=channels_last)
     torch.manual_seed(0)
     model = setup.prepare_model(create_model(model_name, 100))
     model.train(train)
@@ -73,25 +77,35 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS),
+                    help="which of fp32, fp32_channels_last, bf16 to time (bf16 is slow where it is emulated)")
     args = ap.parse_args(argv)
+    wanted = [v for v in args.variants.split(",") if v]
+    unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
+    if unknown or "fp32" not in wanted:
+        ap.error(f"--variants: fp32 (the baseline) and any of {', '.join(v[0] for v in VARIANTS)}; got {unknown}")
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
     for kind, names in (("train step", args.models), ("teacher forward", args.teachers)):
         for name in [n for n in names.split(",") if n]:
             row = {"model": name, "kind": kind}
-            for precision in PRECISIONS:
-                row[precision] = images_per_s(name, precision, device=args.device, batch_size=args.batch_size,
-                                              steps=args.steps, train=kind == "train step")
-            row["bf16_over_fp32"] = row["bf16"] / row["fp32"]
-            print(f"{kind:<15} {name:<11} fp32 {row['fp32']:8.1f} img/s   bf16 {row['bf16']:8.1f} img/s   "
-                  f"x{row['bf16_over_fp32']:.2f}", flush=True)
+            for label, precision, channels_last in VARIANTS:
+                if label in wanted:
+                    row[label] = images_per_s(name, precision, device=args.device, batch_size=args.batch_size,
+                                              steps=args.steps, train=kind == "train step",
+                                              channels_last=channels_last)
+            line = f"{kind:<15} {name:<11} fp32 {row['fp32']:8.1f} img/s"
+            for label in (w for w in wanted if w != "fp32"):
+                row[f"{label}_over_fp32"] = row[label] / row["fp32"]
+                line += f"   {label} {row[label]:8.1f} (x{row[f'{label}_over_fp32']:.2f})"
+            print(line, flush=True)
             rows.append(row)
     report = {"benchmark": "bench_precision", "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
               "cpu_native_bf16": cpu_has_native_bf16(), "auto_resolves_to": resolve_precision("auto", args.device),
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_size": args.batch_size,
-              "steps": args.steps, "torch": torch.__version__,
+              "steps": args.steps, "variants": wanted, "torch": torch.__version__,
               "load_average_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows}
     path = args.json or HERE / "results" / f"bench_precision_{args.device.split(':')[0]}.json"

@@ -204,11 +204,12 @@ class CachedTeacher:
             self.cache.save(self.path)
 
 
-def cache_path(store_root: Path, teacher_sha256: str, data: ImageDataset, precision: str) -> Path:
-    """One file per teacher weights, training set and precision the values were computed in (bf16 and fp32
-    teacher outputs differ, and a run must read the ones its own precision would compute)."""
+def cache_path(store_root: Path, teacher_sha256: str, data: ImageDataset, compute_key: str) -> Path:
+    """One file per teacher weights, training set and way the values were computed (``DeviceSetup.compute_key``:
+    precision and memory format; bf16 and fp32, or two memory formats, give teacher outputs that differ, and a
+    run must read the ones its own setup would compute)."""
     key = hashlib.sha256(f"{data.name}|{len(data.x_train)}|views{NUM_VIEWS}".encode()).hexdigest()[:12]
-    return store_root / "cache" / f"teacher-{teacher_sha256[:16]}-data-{key}-{precision}.pt"
+    return store_root / "cache" / f"teacher-{teacher_sha256[:16]}-data-{key}-{compute_key}.pt"
 
 
 def cached_teacher_source(live, needed_outputs, teacher_summary, data: ImageDataset, setup, store):
@@ -218,7 +219,7 @@ def cached_teacher_source(live, needed_outputs, teacher_summary, data: ImageData
     model = live.model
     dims = {"logits": model.num_classes, "pooled": model.pooled_dim}
     cache = TeacherOutputCache(len(data.x_train), dims, setup.device)
-    path = cache_path(store.root, teacher_summary["final_sha256"], data, setup.precision)
+    path = cache_path(store.root, teacher_summary["final_sha256"], data, setup.compute_key)
     if path.exists() and not cache.merge_from(path):
         try:  # rewrite a damaged file now, so no later run meets it
             cache.save(path)

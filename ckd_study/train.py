@@ -5,9 +5,8 @@ already-weighted loss terms; the loop sums them, checks they are finite, back-pr
 
 Recipe (methods.md §0): SGD with momentum and weight decay, a step schedule (×``lr_decay`` after each milestone)
 or cosine, the teacher frozen in eval mode. A run's ``precision`` (``config.resolve_precision``: bf16 on CUDA and
-on CPUs with native bf16, else fp32) sets how the networks run: bf16 autocast in channels_last memory format, or
-float32 (channels_last on CUDA only); the student is optionally ``torch.compile``d. Losses are always computed in
-float32.
+on CPUs with native bf16, else fp32) sets how the networks run: bf16 autocast or float32, in the channels_last
+memory format either way; the student is optionally ``torch.compile``d. Losses are always computed in float32.
 """
 
 from __future__ import annotations
@@ -45,8 +44,11 @@ def lr_at(config: RunConfig, epoch: int) -> float:
 class DeviceSetup:
     """How networks run on a device: the resolved precision, its autocast dtype and the memory format.
 
-    bf16: autocast to bfloat16 and channels_last (oneDNN's and cuDNN's fast layout for bf16 convolutions);
-    fp32: no autocast, channels_last on CUDA only (on CPU, fp32 channels_last was not faster).
+    bf16: autocast to bfloat16; fp32: no autocast. Both in channels_last, the fast layout of oneDNN's and
+    cuDNN's convolutions: measured on CPU in fp32 (Zen 3, 2 threads, ``benchmarks/bench_precision.py``,
+    RESULTS.md §1c), a train step was 1.00–1.42× the contiguous layout's speed (resnet56 1.19×, resnet20 1.42×),
+    never slower. The memory format is not part of a run's identity (like the thread count, it changes
+    only float rounding); it is recorded per attempt, and the teacher cache is keyed by it (:attr:`compute_key`).
     """
 
     device: torch.device
@@ -60,9 +62,13 @@ class DeviceSetup:
 
         dev = torch.device(device) if device is not None else default_device()
         precision = resolve_precision(precision, str(dev))
-        if precision == "bf16":
-            return cls(dev, torch.bfloat16, True, precision)
-        return cls(dev, None, dev.type == "cuda", precision)
+        return cls(dev, torch.bfloat16 if precision == "bf16" else None, True, precision)
+
+    @property
+    def compute_key(self) -> str:
+        """How values are computed, for keying stored network outputs (the teacher cache): the precision and the
+        memory format, e.g. ``fp32-channels_last``. Outputs computed another way differ in their last bits."""
+        return f"{self.precision}-{'channels_last' if self.channels_last else 'contiguous'}"
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast_dtype is None:

@@ -73,3 +73,22 @@ def test_remeasured_training_benchmark_quotes_its_json(records, name):
     assert target["thresholds"] == {"ours_live": 2.0, "ours_cached": 5.0} and not target["met"]
     for variant, ratio in target["ratios"].items():
         assert f"{variant} / reference = {ratio:.2f}× (target ≥ {target['thresholds'][variant]:g}×)" in results_md
+
+
+def test_memory_format_table_quotes_its_json(records):
+    """Section 1c: fp32 contiguous vs channels_last per model, and the emulated-bf16 ratios, from their JSON."""
+    results_md, _ = records
+    section = results_md.split("## 1c.")[1].split("## 2.")[0]
+    bench = json.loads((RESULTS / "bench_precision_cpu_2026-11-29.json").read_text())
+    assert bench["variants"] == ["fp32", "fp32_channels_last"] and bench["threads"] == 2
+    for r in bench["rows"]:
+        row = (f"| {r['kind']} | {r['model']} | {r['fp32']:.1f} | {r['fp32_channels_last']:.1f} | "
+               f"{r['fp32_channels_last_over_fp32']:.2f}× |")
+        assert row in section, row
+    # "never slower" is what the default rests on
+    assert min(r["fp32_channels_last_over_fp32"] for r in bench["rows"]) >= 0.995
+    bf16 = json.loads((RESULTS / "bench_precision_cpu_bf16_2026-11-29.json").read_text())
+    train = {r["model"]: r["bf16_over_fp32"] for r in bf16["rows"] if r["kind"] == "train step"}
+    prose = " ".join(section.split())
+    assert f"{train['resnet20']:.2f}× (resnet20)" in prose and f"{train['resnet8']:.2f}× (resnet8)" in prose
+    assert not bf16["cpu_native_bf16"] and bf16["auto_resolves_to"] == "fp32"

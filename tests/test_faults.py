@@ -21,8 +21,14 @@ from ckd_study.config import make_config, teacher_config
 from ckd_study.data import load_dataset
 from ckd_study.runs import RunError, RunInProgressError, RunStore, load_results, process_start_time, run, run_lock
 from ckd_study.teacher_cache import CHECK_BLOCK, cache_path
+from ckd_study.train import DeviceSetup
 
 SHORT = dict(epochs=2, milestones=(2,), deterministic=True)
+
+
+def _compute_key(config) -> str:
+    """The teacher-cache key of a CPU run of ``config`` (precision and memory format)."""
+    return DeviceSetup.for_device("cpu", config.precision).compute_key
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +50,10 @@ def test_tampered_teacher_cache_is_detected_dropped_and_rewritten(tmp_path, teac
     clean = _copy_teacher(teacher_store, tmp_path / "clean")
     reference = run(config, store=clean, quiet=True)
     data = load_dataset("digits").subset(config.train_per_class, config.test_per_class, seed=0)
-    path = cache_path(clean.root, reference["teacher_sha256"], data, config.precision)
+    path = cache_path(clean.root, reference["teacher_sha256"], data, _compute_key(config))
 
     bad = _copy_teacher(teacher_store, tmp_path / "bad")
-    bad_path = cache_path(bad.root, reference["teacher_sha256"], data, config.precision)
+    bad_path = cache_path(bad.root, reference["teacher_sha256"], data, _compute_key(config))
     payload = torch.load(path, weights_only=True)
     payload["values"]["logits"][:20, :10] += 1.0  # 200 float16 logits overwritten; the file still loads
     bad_path.parent.mkdir(parents=True)

@@ -18,6 +18,11 @@ from ckd_study.teacher_cache import (CANONICAL_BATCH, CachedTeacher, TeacherOutp
 from ckd_study.train import DeviceSetup, LiveTeacher
 
 
+def _compute_key(config) -> str:
+    """The teacher-cache key of a CPU run of ``config`` (precision and memory format)."""
+    return DeviceSetup.for_device("cpu", config.precision).compute_key
+
+
 @pytest.fixture(scope="module")
 def setup():
     torch.manual_seed(0)
@@ -157,7 +162,7 @@ def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
     first = run(config, store=cold, quiet=True)
     teacher_summary = cold.summary(config.teacher.run_id)
     data = load_dataset("digits").subset(config.train_per_class, config.test_per_class, seed=0)
-    path = cache_path(cold.root, teacher_summary["final_sha256"], data, config.precision)
+    path = cache_path(cold.root, teacher_summary["final_sha256"], data, _compute_key(config))
     assert path.exists(), "the run stored the teacher outputs it computed"
 
     warm = RunStore(tmp_path / "warm")
@@ -206,7 +211,7 @@ def test_precompute_fills_every_view_and_later_runs_only_read_it(tmp_path):
     keys, values = _stored_table(result["cache_path"])
     assert torch.equal(keys, torch.arange(result["image_views"]))
     # Bit for bit the values the lazy run computed for the views it met.
-    lazy_keys, lazy_values = _stored_table(cache_path(lazy.root, reference["teacher_sha256"], data, config.precision))
+    lazy_keys, lazy_values = _stored_table(cache_path(lazy.root, reference["teacher_sha256"], data, _compute_key(config)))
     assert 0 < len(lazy_keys) < len(keys)
     for name in ("logits", "pooled"):
         assert torch.equal(values[name][lazy_keys], lazy_values[name])
