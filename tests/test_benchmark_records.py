@@ -58,9 +58,12 @@ def test_cache_study_table_quotes_its_json(records):
 
 
 @pytest.mark.parametrize("name", ["bench_training_cpu_2026-11-29.json",
-                                  "bench_training_cpu_resnet56-resnet20_2026-11-29.json"])
+                                  "bench_training_cpu_resnet56-resnet20_2026-11-29.json",
+                                  "bench_training_cpu_2026-11-29_channels_last.json",
+                                  "bench_training_cpu_resnet56-resnet20_2026-11-29_channels_last.json"])
 def test_remeasured_training_benchmark_quotes_its_json(records, name):
-    """Section 1b: the 2026-11-29 measurement with the precision column and both CPU targets."""
+    """Sections 1b and 1d: the 2026-11-29 measurements (contiguous, then channels_last fp32) with the precision
+    column and both CPU targets."""
     results_md, _ = records
     bench = json.loads((RESULTS / name).read_text())
     assert f"`benchmarks/results/{name}`" in results_md
