@@ -64,8 +64,8 @@ def measure_training_cost(config: RunConfig, store: RunStore, *, steps: int = 20
             "seconds_per_step": seconds, "images_per_s": config.batch_size / seconds,
             "steps_per_epoch": steps_per_epoch, "seconds_per_epoch": seconds * steps_per_epoch,
             "teacher_source": "live" if teacher is not None else None, "device": str(setup.device),
-            "precision": setup.precision, "threads": torch.get_num_threads(), "cpu": cpu_name(),
-            "torch": torch.__version__, "measured_at": utc_now()}
+            "precision": setup.precision, "channels_last": setup.channels_last, "threads": torch.get_num_threads(),
+            "cpu": cpu_name(), "torch": torch.__version__, "measured_at": utc_now()}
 
 
 def training_cost(config: RunConfig, store: RunStore, folder: Path, *, measure: bool = True, **kwargs: Any
