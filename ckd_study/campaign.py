@@ -165,7 +165,8 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
         def on_epoch(config: RunConfig, record: dict) -> None:
             seconds = record["epoch_time_s"] + record.get("eval_time_s", 0.0)
             epoch_seconds.append(seconds)
-            eta = (config.epochs - record["epoch"]) * seconds
+            # the ETA from the median of recent epochs, as the time box decides (one slow epoch does not skew it)
+            eta = (config.epochs - record["epoch"]) * (next_epoch_seconds(store.metrics(config.run_id)) or seconds)
             top1 = record.get("test_top1")
             say(f"{config.run_id} epoch {record['epoch']}/{config.epochs}: "
                 f"test top-1 {'-' if top1 is None else f'{top1:.2f}%'}, {seconds:.0f} s/epoch, "

@@ -3,6 +3,7 @@ conventional reference loop optimises the same objective as our engine. No timin
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -129,11 +130,15 @@ def _restore_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
 @pytest.mark.parametrize("cached", [False, True], ids=["live_teacher", "cached_teacher"])
-def test_reference_loop_and_engine_compute_the_same_loss(cached):
+def test_reference_loop_and_engine_compute_the_same_loss(cached, channels_last):
     """One augmented batch drawn by the conventional pipeline (torchvision's CIFAR100.__getitem__, PIL
     transforms, DataLoader) goes through the reference step and through Trainer.train_epoch from identical
-    weights: same loss (1e-5 relative; the cache's float16 teacher outputs: 1e-3) and the same SGD update."""
+    weights: same loss (1e-5 relative; the cache's float16 teacher outputs: 1e-3) and the same SGD update.
+    In the reference's contiguous layout the weights agree to float32 precision (rtol 1e-5) and each tensor's
+    update to 1e-4 relative (measured ≤ 7e-6); in channels_last (the engine's CPU default) the convolutions
+    round differently: each update within 1e-3 relative (measured ≤ 6e-5), while a gradient 1 % off gives 1e-2."""
     from torchvision.datasets import CIFAR100
 
     torch.set_num_threads(1)
@@ -167,12 +172,14 @@ def test_reference_loop_and_engine_compute_the_same_loss(cached):
 
     # identical initial weights on both sides
     ref_student, ref_teacher = bt.reference_models(config, data.num_classes)
-    trainer, cache = bt.build_engine(config, data, DeviceSetup.for_device("cpu"), cached=cached)
+    setup = dataclasses.replace(DeviceSetup.for_device("cpu"), channels_last=channels_last)
+    trainer, cache = bt.build_engine(config, data, setup, cached=cached)
     for ours, ref in ((trainer.student, ref_student), (trainer.teacher_source.model if not cached
                                                        else trainer.teacher_source.live.model, ref_teacher)):
         for (name, a), b in zip(ours.state_dict().items(), ref.state_dict().values()):
             assert torch.equal(a, b), name
 
+    before = {k: v.clone() for k, v in trainer.student.state_dict().items()}
     trainer.train_batches = _OneBatch(batch)
     record = trainer.train_epoch(1)
     distiller = bt.reference_distiller(config, ref_student, ref_teacher, "cpu")
@@ -182,7 +189,13 @@ def test_reference_loop_and_engine_compute_the_same_loss(cached):
         assert cache.misses == B
     else:
         for (name, a), b in zip(trainer.student.state_dict().items(), ref_student.state_dict().values()):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} after one SGD step")
+            if not channels_last:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} after one SGD step")
+            if a.is_floating_point() and "running" not in name:
+                # the step itself: a 1 % error in a gradient is a 1e-2 relative error of the update
+                ours, ref = a - before[name], b - before[name]
+                error = float((ours - ref).norm() / ref.norm())
+                assert error < (1e-3 if channels_last else 1e-4), (name, setup.compute_key, error)
 
 
 def test_precision_benchmark_records_both_precisions(tmp_path):
