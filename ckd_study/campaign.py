@@ -301,13 +301,13 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
                                      title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: test top-1 per epoch")
     # What a row more than INVESTIGATE_PP away is looked at with: each run's training loss terms per epoch.
     term_frame = pd.DataFrame(terms, columns=["run", "epoch", "term", "value"])
-    analysis.write_csv(term_frame, out / f"{stem}_loss_terms.csv")
+    files.append({"loss_terms_csv": analysis.write_csv(term_frame, out / f"{stem}_loss_terms.csv")})
     if len(term_frame):
         panels = [dict(data=group, x="epoch", y="value", hue="term", xlabel="epoch", ylabel="training loss term",
                        title=run_label) for run_label, group in term_frame.groupby("run", sort=False)]
-        analysis.plot_line_panels(panels, out / f"{stem}_loss_terms",
-                                  title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: training loss terms per "
-                                        f"epoch (epoch means of the weighted terms the loop summed)")
+        title = (f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: training loss terms per epoch (epoch means "
+                 f"of the weighted terms the loop summed)")
+        files.append(analysis.plot_line_panels(panels, out / f"{stem}_loss_terms", title=title))
     return {"table": table, "curves": curve_frame, "loss_terms": term_frame, "figure": figure, "files": files}
 
 
