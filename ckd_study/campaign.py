@@ -142,8 +142,8 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
     """Train the campaign's unfinished runs in order until done or ``minutes`` are nearly up.
 
     Stops only after a saved epoch, when the next epoch (the median of the run's recent epochs) would not end in
-    time; the paused run's checkpoint is exported in committable parts. Returns ``{"finished": bool, "paused": run id or
-    None, "rows": status rows}``. A second process on the same campaign raises :class:`CampaignError`.
+    time; the paused run's checkpoint is exported in committable parts. Returns ``{"finished": bool, "paused":
+    run id or None, "rows": status rows}``. A second process on the same campaign raises :class:`CampaignError`.
     """
     if minutes <= 0:
         raise ConfigError(f"--minutes must be > 0, got {minutes!r}")
@@ -281,8 +281,9 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
                      "investigate": "yes" if delta is not None and abs(delta) > INVESTIGATE_PP else ""})
         curves += [{"run": label, "epoch": m["epoch"], "test_top1": m["test_top1"]}
                    for m in metrics if m.get("test_top1") is not None]
-        terms += [{"run": label, "epoch": m["epoch"], "term": key, "value": value}
-                  for m in metrics for key, value in m.items() if key in _loss_term_keys(metrics)]
+        term_keys = _loss_term_keys(metrics)  # once per run, not once per metric entry
+        terms += [{"run": label, "epoch": m["epoch"], "term": name, "value": value}
+                  for m in metrics for name, value in m.items() if name in term_keys]
     table = pd.DataFrame(rows)
     machine = _machine_of(store, campaign)
     caption = (f"Reproduction of the published {pair[0]} → {pair[1]} row (methods.md §5) at the '{teacher_cfg.preset}' "
