@@ -331,14 +331,9 @@ def _before_first_decay(config: RunConfig, metrics: Sequence[dict]) -> tuple[int
 def _machine_of(store: RunStore, campaign: Campaign) -> str:
     """The CPUs/GPUs the campaign's runs trained on, from every attempt's environment record (a resumed run may
     have used another thread count or machine), e.g. ``AMD EPYC (cpu, 1–2 threads)``."""
-    from .runs import _attempts
-
     machines: dict[tuple[str, str], set[int]] = {}
     for config in campaign.configs:
-        run_dir = store.run_dir(config.run_id)
-        records = _attempts(run_dir) or ([read_json(run_dir / "environment.json")]
-                                         if (run_dir / "environment.json").exists() else [])
-        for env in records:
+        for env in store.attempts(config.run_id):
             device = str(env.get("device", "?"))
             threads = machines.setdefault((str(env.get("device_name", device)), device), set())
             if device.startswith("cpu") and env.get("torch_threads"):

@@ -150,6 +150,13 @@ class RunStore:
                                f"interrupted, rerun it: its metrics are rewritten from the last checkpoint") from exc
         return rows
 
+    def attempts(self, run_id: str) -> list[dict]:
+        """The environment record of every start and resume of the run, oldest first (``attempts.jsonl``; a run
+        stored before that log existed has only ``environment.json``, its first attempt's record)."""
+        run_dir = self.run_dir(run_id)
+        env_path = run_dir / "environment.json"
+        return _attempts(run_dir) or ([read_json(env_path)] if env_path.exists() else [])
+
     def status(self, run_id: str) -> str:
         """``finished``, ``running`` (a live process on this host holds the lock), ``locked elsewhere`` (a
         process on another host holds it), ``interrupted`` (a checkpoint, no live lock: a stale lock of a dead

@@ -215,6 +215,11 @@ def test_every_attempt_is_recorded(tmp_path, teacher_store):
     attempts = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
     assert len(attempts) == summary["attempts"] == 2
     assert attempts[0] == first == json.loads((run_dir / "environment.json").read_text())
+    assert store.attempts(config.run_id) == attempts
+    # a run stored before attempts.jsonl existed: its one record is environment.json
+    (run_dir / "attempts.jsonl").unlink()
+    assert store.attempts(config.run_id) == [first]
+    assert store.attempts("no_such_run") == []
 
 
 def test_cli_one_line_errors_for_store_faults(tmp_path, capsys, teacher_store):

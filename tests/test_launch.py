@@ -23,11 +23,6 @@ from ckd_study.study import plan
 PRESET = "smoke"
 
 
-def _attempts(store: RunStore, run_id: str) -> list[dict]:
-    path = store.run_dir(run_id) / "attempts.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
 def test_plan_is_every_distinct_run_of_the_study_teachers_first():
     configs = launch_plan(PRESET)
     ids = [c.run_id for c in configs]
@@ -52,7 +47,7 @@ def test_local_executor_trains_every_run_once(local_launch):
     assert outcome == {c.run_id: "trained" for c in configs}
     for config in configs:
         assert store.status(config.run_id) == "finished"
-        assert len(_attempts(store, config.run_id)) == 1, f"{config.run_id} was started more than once"
+        assert len(store.attempts(config.run_id)) == 1, f"{config.run_id} was started more than once"
     workers = {read["where"].split(",")[0] for read in
                (json.loads((store.root / "launch" / PRESET / "runs" / f"{c.run_id}.json").read_text())
                 for c in configs)}
@@ -64,7 +59,7 @@ def test_local_relaunch_is_idempotent(local_launch):
     store, configs, _ = local_launch
     again = launch_local(configs, store, PRESET, workers=2, threads=1, log=lambda line: None)
     assert set(again.values()) == {"finished before"}
-    assert all(len(_attempts(store, c.run_id)) == 1 for c in configs)
+    assert all(len(store.attempts(c.run_id)) == 1 for c in configs)
 
 
 def test_local_results_equal_a_sequential_run(local_launch, tmp_path):
@@ -217,7 +212,7 @@ def test_slurm_executor_runs_the_smoke_study_and_a_cancelled_job_is_relaunched(t
     rows = wait_for(configs, store, PRESET, timeout_s=300, poll_s=2)
     assert {r["state"] for r in rows} == {"finished"}, rows
     for config in configs:
-        assert len(_attempts(store, config.run_id)) == 1, config.run_id
+        assert len(store.attempts(config.run_id)) == 1, config.run_id
 
 
 @needs_slurm
@@ -237,13 +232,13 @@ def test_a_requeued_slurm_job_resumes_its_run(tmp_path):
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     # SLURM delays a requeued job (BeginTime, about two minutes); a test need not wait for that.
     deadline = time.monotonic() + 120
-    while squeue_jobs([job]).get(job, ("", ""))[1] != "BeginTime" and _attempts(store, config.run_id)[1:] == []:
+    while squeue_jobs([job]).get(job, ("", ""))[1] != "BeginTime" and store.attempts(config.run_id)[1:] == []:
         assert time.monotonic() < deadline, f"job {job} was not requeued: {squeue_jobs([job])}"
         time.sleep(0.2)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], capture_output=True)
     rows = wait_for([config], store, PRESET, timeout_s=300, poll_s=1)
     assert rows[0]["state"] == "finished", rows
-    attempts = _attempts(store, config.run_id)
+    attempts = store.attempts(config.run_id)
     assert len(attempts) == 2, attempts
     assert attempts[0]["start_epoch"] == 0 and 2 <= attempts[1]["start_epoch"] < config.epochs
     epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
