@@ -65,7 +65,14 @@ def measure_training_cost(config: RunConfig, store: RunStore, *, steps: int = 20
             "steps_per_epoch": steps_per_epoch, "seconds_per_epoch": seconds * steps_per_epoch,
             "teacher_source": "live" if teacher is not None else None, "device": str(setup.device),
             "precision": setup.precision, "channels_last": setup.channels_last, "threads": torch.get_num_threads(),
-            "cpu": cpu_name(), "torch": torch.__version__, "measured_at": utc_now()}
+            "cpu": cpu_name(), "torch": torch.__version__, "measured_at": utc_now(), **method.added_state()}
+
+
+def added_state(config: RunConfig, store: RunStore, *, data_root: str | Path | None = None) -> dict[str, int]:
+    """``Method.added_state`` of ``config``'s method, built as a run builds it (on the CPU: only sizes count)."""
+    from .runs import training_parts
+
+    return training_parts(config, store, "cpu", data_root)[-1].added_state()
 
 
 def training_cost(config: RunConfig, store: RunStore, folder: Path, *, measure: bool = True, **kwargs: Any
@@ -75,6 +82,12 @@ def training_cost(config: RunConfig, store: RunStore, folder: Path, *, measure: 
     if path.exists():
         record = read_json(path)
         if record.get("run_id") == config.run_id:
+            if "method_parameters" not in record:  # measured before records held it: sizes, not timings, added
+                try:
+                    record.update(added_state(config, store, data_root=kwargs.get("data_root")))
+                except (RunError, OSError):  # the sizes need the teacher's checkpoint: the table shows "–"
+                    return record
+                atomic_write_json(path, record)
             return record
     if not measure:
         return None

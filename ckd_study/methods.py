@@ -66,6 +66,17 @@ class Method(nn.Module):
     def forward(self, student_out, teacher_out, labels, indices, epoch) -> Terms:  # noqa: D401
         return self.loss_terms(student_out, teacher_out, labels, indices, epoch)
 
+    def added_state(self) -> dict[str, int]:
+        """What the method adds to the student's training, recorded with each run (the evidence for claims such as
+        "CKD needs no projection head and no memory bank"): ``method_parameters``, the trainable values of its
+        own modules (heads, a learned temperature), and ``method_buffer_values``, the values it carries from step
+        to step in checkpointed buffers (CRD's memory bank). Index tables rebuilt at start-up (CRD's sampler)
+        are not counted; neither are the student and the teacher, which are never submodules of a method."""
+        parameter_names = {name for name, _ in self.named_parameters()}
+        return {"method_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+                "method_buffer_values": sum(v.numel() for name, v in self.state_dict().items()
+                                            if name not in parameter_names)}
+
     def epoch_metrics(self) -> dict[str, float]:
         """Method state worth a line per epoch (a learned temperature, ...), read after the epoch's last step;
         the trainer adds it to the epoch's record in ``metrics.jsonl`` under these names."""

@@ -406,8 +406,32 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def package_diff() -> str | None:
+    """The package's uncommitted changes: ``git diff HEAD -- ckd_study`` plus each new, untracked file of the
+    package as a diff from nothing; None when the package is as committed (or git is unavailable). Changes to
+    notebooks, tests or the results store do not change what a run computes and are not included."""
+    def git(*args: str, ok=(0,)) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode in ok else None
+
+    tracked = git("diff", "HEAD", "--", "ckd_study")
+    if tracked is None:
+        return None
+    untracked = (git("ls-files", "--others", "--exclude-standard", "--", "ckd_study") or "").split()
+    new_files = [git("diff", "--no-index", "--", "/dev/null", name, ok=(0, 1)) or "" for name in untracked]
+    text = tracked + "".join(new_files)
+    return text or None
+
+
 def environment_record(setup) -> dict:
-    """Where and with what a run trains: git state, versions, device, precision (a ``train.DeviceSetup``)."""
+    """Where and with what a run trains: git state, versions, device, precision (a ``train.DeviceSetup``).
+
+    A run started from uncommitted package code records ``code_diff_sha256`` beside ``git_commit``, and the
+    record carries the diff itself under ``code_diff`` (:func:`_record_attempt` moves it to
+    ``<run>/code_diffs/<sha256 prefix>.diff``), so that every number maps to exact code."""
     device = setup.device
     def git(*args: str) -> str | None:
         try:
@@ -420,6 +444,7 @@ def environment_record(setup) -> dict:
 
     import ckd_study
 
+    code_diff = package_diff()
     versions = {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": numpy.__version__,
                 "ckd_study": ckd_study.__version__}
     try:
@@ -431,6 +456,8 @@ def environment_record(setup) -> dict:
     return {
         "git_commit": git("rev-parse", "HEAD"),
         "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "code_diff_sha256": None if code_diff is None else hashlib.sha256(code_diff.encode()).hexdigest(),
+        "code_diff": code_diff,
         "versions": versions,
         "device": str(device),
         "precision": setup.precision,
@@ -494,21 +521,19 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
     ``wait=True`` waits for another process that holds the run's lock instead of raising
     :class:`RunInProgressError` (saying who holds it on stderr; ``wait_timeout`` seconds at most).
     ``retrain=True`` moves the run's folder aside (``<run id>.replaced-<time>``, nothing is deleted) and trains
-    it again: the way back from corrupt weights or records. ``stop_at`` (a ``time.time()`` deadline) stops the run cleanly, after a saved
-    epoch, when the next epoch would not end before it (:func:`time_for_another_epoch`), raising
-    :class:`RunPaused`; ``on_epoch(config, record)`` is called after every saved epoch (progress reports).
-    """
-    from .train import Trainer
+    it again: the way back from corrupt weights or records. ``stop_at`` (a ``time.time()`` deadline) stops the
+    run cleanly, after a saved epoch, when the next epoch would not end before it (:func:`time_for_another_epoch`),
+    raising :class:`RunPaused`; ``on_epoch(config, record)`` is called after every saved epoch (progress reports).
 
+    The steps: build the trainer, resume from the latest checkpoint, fit epoch by epoch (a checkpoint and the
+    metrics after each), keep the teacher outputs computed, and, once every epoch is done, the final weights and
+    ``summary.json``.
+    """
     store = store or RunStore()
     run_id = config.run_id
     run_dir = store.run_dir(run_id)
     if retrain and run_dir.exists():
-        with run_lock(run_dir):
-            aside = run_dir.with_name(f"{run_id}.replaced-{utc_now().replace(':', '')}")
-            os.replace(run_dir, aside)
-        (aside / "run.lock").unlink(missing_ok=True)
-        print(f"moved the old run folder aside to {aside}", file=sys.stderr)
+        _move_aside(run_dir)
     finished = store.summary(run_id) if (run_dir / "summary.json").exists() else None
     if finished is not None:
         return finished
@@ -529,102 +554,151 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         if finished is not None:
             return finished
         _check_or_write_config(run_dir, config)
-
-        setup, data, student, teacher_model, method = training_parts(config, store, device, data_root)
-        teacher_source = None
-        if teacher_model is not None:
-            teacher_source = _teacher_source(config, teacher_model, teacher_summary, data, setup, store)
-        trainer = Trainer(config, data, student, method, teacher_source, setup, quiet=quiet, step_hook=step_hook)
-
-        latest = run_dir / "checkpoints" / "latest.pt"
-        store.restore_inflight(run_id)
-        wall_before = 0.0  # wall time of the epochs done before an interruption
-        if latest.exists():
-            ckpt = load_checkpoint(latest)
-            wall_before = float(ckpt.get("wall_time_s", 0.0))
-            if ckpt.get("run_id") != run_id:
-                raise RunError(f"checkpoint {latest} belongs to run {ckpt.get('run_id')!r}, not {run_id!r}; "
-                               f"remove it to restart")
-            if teacher_summary is not None and ckpt.get("teacher_sha256") != teacher_summary["final_sha256"]:
-                raise RunError(f"checkpoint {latest} was trained against a different teacher checkpoint "
-                               f"(sha256 {str(ckpt.get('teacher_sha256'))[:12]}…, now "
-                               f"{teacher_summary['final_sha256'][:12]}…); remove it to restart the run")
-            trainer.load_state_dict(ckpt)
-        # Metric lines past the checkpoint come from an epoch that was killed before it was saved.
-        _write_metrics(run_dir, trainer.state.history)
-        # start_epoch: where this attempt began (0, or the saved epoch it resumed from)
-        _record_attempt(run_dir, {**environment_record(setup), "start_epoch": trainer.state.epoch})
-
+        trainer = _build_trainer(config, store, teacher_summary, device, data_root, quiet, step_hook)
+        wall_before = _resume(trainer, store, config, teacher_summary)
         teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
-        started = time.perf_counter()
-
-        def save(tr: Trainer, record: dict) -> None:
-            # The checkpoint first, then the metrics it describes: metrics never run ahead of the checkpoint.
-            ckpt = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "teacher_sha256": teacher_sha,
-                    "wall_time_s": wall_before + time.perf_counter() - started, **tr.state_dict()}
-            atomic_torch_save(ckpt, latest)
-            _write_metrics(run_dir, tr.state.history)
-            if on_epoch is not None:
-                on_epoch(config, record)
-
-        def keep_going(tr: Trainer, epoch: int) -> bool:
-            return time_for_another_epoch(tr.state.history, stop_at)
-
-        try:
-            state = trainer.fit(on_epoch_end=save, keep_going=keep_going)
-        except KeyboardInterrupt:
-            done = trainer.state.epoch
-            raise KeyboardInterrupt(f"interrupted run {run_id} in epoch {done + 1}/{config.epochs} (epochs saved: "
-                                    f"{done}); rerun the same command to resume") from None
-        if hasattr(teacher_source, "save"):  # keep the teacher outputs this run computed for later runs
-            try:
-                teacher_source.save()
-            except OSError as exc:  # an optional write: warn, never cost the run
-                warnings.warn(f"the teacher cache was not saved ({exc}); later runs recompute what it "
-                              f"held", stacklevel=2)
+        state, wall_time_s = _fit(trainer, run_dir, teacher_sha, wall_before, stop_at, on_epoch)
+        _keep_teacher_outputs(trainer.teacher_source)
         if state.epoch < config.epochs:
             raise RunPaused(run_id, state.epoch, config.epochs)
-        final = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model_name": config.student,
-                 "num_classes": data.num_classes, "model": student.state_dict()}
-        final_sha = atomic_torch_save(final, run_dir / "checkpoints" / "final.pt")
-        last = state.history[-1]
-        images_per_s = [r["images_per_s"] for r in state.history]
-        summary = {
-            "run_id": run_id,
-            "status": "finished",
-            "method": config.method,
-            "student": config.student,
-            "teacher": config.teacher.student if config.teacher else None,
-            "teacher_run_id": config.teacher.run_id if config.teacher else None,
-            "teacher_sha256": teacher_sha,
-            "teacher_top1": teacher_summary["last_top1"] if teacher_summary else None,
-            "dataset": config.dataset,
-            "preset": config.preset,
-            "seed": config.seed,
-            "epochs": config.epochs,
-            "last_top1": last["test_top1"],
-            "last_top5": last["test_top5"],
-            "best_top1": state.best_top1,
-            "best_top5": state.best_top5,
-            "best_epoch": state.best_epoch,
-            "train_time_s": state.train_time_s,
-            "wall_time_s": wall_before + time.perf_counter() - started,
-            "images_per_s": sum(images_per_s) / len(images_per_s),
-            "teacher_source": None if teacher_source is None else getattr(teacher_source, "kind", "live"),
-            "teacher_cache_file": (str(Path(teacher_source.path).relative_to(store.root))
-                                   if getattr(teacher_source, "path", None) is not None else None),
-            **{key: sum(r.get(key, 0) for r in state.history)
-               for key in ("teacher_cache_hits", "teacher_cache_misses") if key in last},
-            "final_sha256": final_sha,
-            "finished_at": utc_now(),
-            "device": str(setup.device),
-            "precision": setup.precision,
-            "config_sha256": sha256_json(config.to_dict()),  # binds the record to config.json (checked on read)
-            "attempts": len(_attempts(run_dir)),
-        }
-        atomic_write_json(run_dir / "summary.json", summary)
+        summary = _finish(trainer, store, teacher_summary, wall_time_s)
         store.remove_inflight(run_id)  # a finished run keeps its records, not its in-flight checkpoint
         return summary
+
+
+def _move_aside(run_dir: Path) -> None:
+    """``retrain``: move a run's folder aside (``<run id>.replaced-<time>``); nothing is deleted."""
+    with run_lock(run_dir):
+        aside = run_dir.with_name(f"{run_dir.name}.replaced-{utc_now().replace(':', '')}")
+        os.replace(run_dir, aside)
+    (aside / "run.lock").unlink(missing_ok=True)
+    print(f"moved the old run folder aside to {aside}", file=sys.stderr)
+
+
+def _build_trainer(config: RunConfig, store: RunStore, teacher_summary: dict | None, device, data_root,
+                   quiet: bool, step_hook):
+    """The Trainer of a fresh start: device, data, student, method, and the teacher source (live or cached)."""
+    from .train import Trainer
+
+    setup, data, student, teacher_model, method = training_parts(config, store, device, data_root)
+    teacher_source = None
+    if teacher_model is not None:
+        teacher_source = _teacher_source(config, teacher_model, teacher_summary, data, setup, store)
+    return Trainer(config, data, student, method, teacher_source, setup, quiet=quiet, step_hook=step_hook)
+
+
+def _resume(trainer, store: RunStore, config: RunConfig, teacher_summary: dict | None) -> float:
+    """Load the run's latest checkpoint into ``trainer`` if there is one (rebuilt from committed in-flight parts
+    when missing), rewrite the metrics to match it and record this attempt; return the wall time of the epochs
+    done before (0 for a fresh start)."""
+    run_id = config.run_id
+    run_dir = store.run_dir(run_id)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    store.restore_inflight(run_id)
+    wall_before = 0.0
+    if latest.exists():
+        ckpt = load_checkpoint(latest)
+        wall_before = float(ckpt.get("wall_time_s", 0.0))
+        if ckpt.get("run_id") != run_id:
+            raise RunError(f"checkpoint {latest} belongs to run {ckpt.get('run_id')!r}, not {run_id!r}; "
+                           f"remove it to restart")
+        if teacher_summary is not None and ckpt.get("teacher_sha256") != teacher_summary["final_sha256"]:
+            raise RunError(f"checkpoint {latest} was trained against a different teacher checkpoint "
+                           f"(sha256 {str(ckpt.get('teacher_sha256'))[:12]}…, now "
+                           f"{teacher_summary['final_sha256'][:12]}…); remove it to restart the run")
+        trainer.load_state_dict(ckpt)
+    # Metric lines past the checkpoint come from an epoch that was killed before it was saved.
+    _write_metrics(run_dir, trainer.state.history)
+    # start_epoch: where this attempt began (0, or the saved epoch it resumed from)
+    _record_attempt(run_dir, {**environment_record(trainer.setup), "start_epoch": trainer.state.epoch})
+    return wall_before
+
+
+def _fit(trainer, run_dir: Path, teacher_sha: str | None, wall_before: float, stop_at: float | None, on_epoch):
+    """Train from the trainer's epoch on, saving a checkpoint and the metrics after every epoch; stop early when
+    the next epoch would not end before ``stop_at``. Returns the state and the run's wall time so far."""
+    config = trainer.config
+    latest = run_dir / "checkpoints" / "latest.pt"
+    started = time.perf_counter()
+
+    def save(tr, record: dict) -> None:
+        # The checkpoint first, then the metrics it describes: metrics never run ahead of the checkpoint.
+        ckpt = {"format": CHECKPOINT_FORMAT, "run_id": config.run_id, "teacher_sha256": teacher_sha,
+                "wall_time_s": wall_before + time.perf_counter() - started, **tr.state_dict()}
+        atomic_torch_save(ckpt, latest)
+        _write_metrics(run_dir, tr.state.history)
+        if on_epoch is not None:
+            on_epoch(config, record)
+
+    def keep_going(tr, epoch: int) -> bool:
+        return time_for_another_epoch(tr.state.history, stop_at)
+
+    try:
+        state = trainer.fit(on_epoch_end=save, keep_going=keep_going)
+    except KeyboardInterrupt:
+        done = trainer.state.epoch
+        raise KeyboardInterrupt(f"interrupted run {config.run_id} in epoch {done + 1}/{config.epochs} (epochs "
+                                f"saved: {done}); rerun the same command to resume") from None
+    return state, wall_before + time.perf_counter() - started
+
+
+def _keep_teacher_outputs(teacher_source) -> None:
+    """Persist the teacher outputs this run computed (the cache) for later runs: an optional write that warns
+    and never costs the run."""
+    if teacher_source is None:
+        return
+    try:
+        teacher_source.save()
+    except OSError as exc:
+        warnings.warn(f"the teacher cache was not saved ({exc}); later runs recompute what it held", stacklevel=3)
+
+
+def _finish(trainer, store: RunStore, teacher_summary: dict | None, wall_time_s: float) -> dict:
+    """Write the final weights and ``summary.json`` of a run whose every epoch is done; return the summary."""
+    config, state, setup, teacher_source = trainer.config, trainer.state, trainer.setup, trainer.teacher_source
+    run_id = config.run_id
+    run_dir = store.run_dir(run_id)
+    final = {"format": CHECKPOINT_FORMAT, "run_id": run_id, "model_name": config.student,
+             "num_classes": trainer.data.num_classes, "model": trainer.student.state_dict()}
+    final_sha = atomic_torch_save(final, run_dir / "checkpoints" / "final.pt")
+    last = state.history[-1]
+    images_per_s = [r["images_per_s"] for r in state.history]
+    summary = {
+        "run_id": run_id,
+        "status": "finished",
+        "method": config.method,
+        "student": config.student,
+        "teacher": config.teacher.student if config.teacher else None,
+        "teacher_run_id": config.teacher.run_id if config.teacher else None,
+        "teacher_sha256": teacher_summary["final_sha256"] if teacher_summary else None,
+        "teacher_top1": teacher_summary["last_top1"] if teacher_summary else None,
+        "dataset": config.dataset,
+        "preset": config.preset,
+        "seed": config.seed,
+        "epochs": config.epochs,
+        "last_top1": last["test_top1"],
+        "last_top5": last["test_top5"],
+        "best_top1": state.best_top1,
+        "best_top5": state.best_top5,
+        "best_epoch": state.best_epoch,
+        "train_time_s": state.train_time_s,
+        "wall_time_s": wall_time_s,
+        "images_per_s": sum(images_per_s) / len(images_per_s),
+        "teacher_source": None if teacher_source is None else teacher_source.kind,
+        "teacher_cache_file": (str(Path(teacher_source.path).relative_to(store.root))
+                               if teacher_source is not None and teacher_source.path is not None else None),
+        **{key: sum(r.get(key, 0) for r in state.history)
+           for key in ("teacher_cache_hits", "teacher_cache_misses") if key in last},
+        "final_sha256": final_sha,
+        "finished_at": utc_now(),
+        "device": str(setup.device),
+        "precision": setup.precision,
+        "config_sha256": sha256_json(config.to_dict()),  # binds the record to config.json (checked on read)
+        "attempts": len(_attempts(run_dir)),
+        **trainer.method.added_state(),
+    }
+    atomic_write_json(run_dir / "summary.json", summary)
+    return summary
 
 
 @contextmanager
@@ -746,7 +820,15 @@ def _attempts(run_dir: Path) -> list[dict]:
 
 def _record_attempt(run_dir: Path, record: dict) -> None:
     """Provenance per attempt: each start or resume appends its environment to ``attempts.jsonl``;
-    ``environment.json`` keeps the first attempt's (recreated from the log, with a warning, if it vanished)."""
+    ``environment.json`` keeps the first attempt's (recreated from the log, with a warning, if it vanished). The
+    uncommitted package code a record carries goes to ``code_diffs/`` (one file per distinct diff)."""
+    record = dict(record)
+    code_diff = record.pop("code_diff", None)
+    if code_diff is not None:
+        diff_path = run_dir / "code_diffs" / f"{record['code_diff_sha256'][:16]}.diff"
+        if not diff_path.exists():
+            diff_path.parent.mkdir(exist_ok=True)
+            atomic_write_bytes(diff_path, code_diff.encode())
     attempts = _attempts(run_dir)
     env_path = run_dir / "environment.json"
     if attempts and not env_path.exists():

@@ -34,6 +34,7 @@ import torch
 
 from .data import NUM_VIEWS, Batch, ImageDataset, augment, decode_views
 from .models import ModelOutput
+from .train import TeacherSource
 
 CACHEABLE = frozenset({"logits", "pooled"})
 CACHE_FORMAT = 3  # 2: values computed in canonical batches; 3: per-block checksums (older files are rebuilt)
@@ -169,7 +170,7 @@ class TeacherOutputCache:
         return computed
 
 
-class CachedTeacher:
+class CachedTeacher(TeacherSource):
     """A teacher source that serves logits and pooled features from a :class:`TeacherOutputCache`."""
 
     kind = "cache"

@@ -15,7 +15,8 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol
+from pathlib import Path
+from typing import Callable, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -96,13 +97,27 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-class TeacherSource(Protocol):
-    """Where the teacher's outputs for a training batch come from (the live network or the exact cache)."""
+class TeacherSource:
+    """Where the teacher's outputs for a training batch come from (the live network or the exact cache).
 
-    def __call__(self, batch: Batch) -> ModelOutput: ...
+    Subclasses implement ``__call__``; what only some sources do has a no-op default here, so the engine calls
+    it on any source: ``counters`` (running totals the Trainer turns into per-epoch metrics), ``save`` (persist
+    what the source computed, for later runs) and ``path`` (the file it persists to, or None)."""
+
+    kind: ClassVar[str] = "live"
+    path: Path | None = None
+
+    def __call__(self, batch: Batch) -> ModelOutput:
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        return {}
+
+    def save(self) -> None:
+        pass
 
 
-class LiveTeacher:
+class LiveTeacher(TeacherSource):
     """Runs the frozen teacher on the batch's augmented images."""
 
     kind = "live"
@@ -262,8 +277,7 @@ class Trainer:
         pending: list[tuple[int, list[str], torch.Tensor]] = []
         seen = 0
         # a teacher source may count what it did (the cache: hits and misses); the epoch records the difference
-        counters = getattr(self.teacher_source, "counters", None)
-        counted_before = counters() if counters is not None else {}
+        counted_before = self.teacher_source.counters() if self.teacher_source is not None else {}
         t0 = time.perf_counter()
         bar = _progress(self.train_batches, epoch, self.config.epochs, self.quiet)
         for step, batch in enumerate(bar, start=1):
@@ -301,8 +315,9 @@ class Trainer:
         record["train_loss"] = sum(float(v) for v in sums.values()) / steps
         record.update(train_top1=100.0 * float(correct) / max(seen, 1), epoch_time_s=elapsed,
                       images_per_s=seen / elapsed if elapsed > 0 else float("nan"))
-        if counters is not None:
-            record.update({f"teacher_{k}": v - counted_before.get(k, 0) for k, v in counters().items()})
+        if self.teacher_source is not None:
+            record.update({f"teacher_{k}": v - counted_before.get(k, 0)
+                           for k, v in self.teacher_source.counters().items()})
         record.update(self.method.epoch_metrics())
         return record
 

@@ -14,6 +14,7 @@ from ckd_study import runs, study
 from ckd_study.config import make_config
 from ckd_study.cost import measure_training_cost, training_cost
 from ckd_study.runs import RunStore
+from ckd_study.models import create_model
 
 PRESET = "smoke"
 
@@ -69,14 +70,17 @@ def test_dcd_logs_kappa_every_epoch(tmp_path, fixed):
     teacher = make_config(PRESET, method="ce", student="resnet14", epochs=1)
     config = make_config(PRESET, method="dcd", teacher=teacher, epochs=3, milestones=(3,),
                          method_options={"fixed_temperature": fixed})
-    runs.run(config, store=store, quiet=True)
+    summary = runs.run(config, store=store, quiet=True)
     metrics = store.metrics(config.run_id)
     assert [m["epoch"] for m in metrics] == [1, 2, 3]
+    # the run records what DCD adds: the values of its checkpointed heads, temperature and bias
+    latest = torch.load(store.run_dir(config.run_id) / "checkpoints" / "latest.pt", weights_only=False)
+    assert summary["method_parameters"] == sum(v.numel() for v in latest["method"].values())
+    assert summary["method_buffer_values"] == 0
     if fixed is not None:
         assert all(m["dcd_kappa"] == 1 / fixed for m in metrics)
         return
     # The last epoch's κ is min(exp θ, 10) of the θ in the final checkpoint; θ moved from its start (1.0).
-    latest = torch.load(store.run_dir(config.run_id) / "checkpoints" / "latest.pt", weights_only=False)
     theta = float(latest["method"]["log_inv_temperature"])
     assert metrics[-1]["dcd_kappa"] == pytest.approx(min(math.exp(theta), 10.0), rel=1e-6)
     assert len({m["dcd_kappa"] for m in metrics}) == 3 and metrics[0]["dcd_kappa"] != pytest.approx(math.e)
@@ -111,5 +115,24 @@ def test_training_cost_is_measured_with_the_live_teacher_and_stored(tmp_path, mo
 
     monkeypatch.setattr("ckd_study.cost.measure_training_cost", no_measuring)
     assert training_cost(config, store, tmp_path / "cost") == record
+    assert record["method_parameters"] == record["method_buffer_values"] == 0  # KD adds nothing
+    # A record stored before it held the method's added state is completed from the modules, not re-timed:
+    # DCD's two heads (pooled dim -> 128) plus its inverse temperature and bias.
+    dcd = make_config(PRESET, method="dcd", teacher=teacher, epochs=1)
+    old = {"run_id": dcd.run_id, "seconds_per_step": 1.5}
+    (tmp_path / "cost" / f"{dcd.run_id}.json").write_text(json.dumps(old))
+    d_s, d_t = create_model(dcd.student, 10).pooled_dim, create_model(teacher.student, 10).pooled_dim
+    completed = {**old, "method_parameters": (d_s + 1) * 128 + (d_t + 1) * 128 + 2, "method_buffer_values": 0}
+    assert training_cost(dcd, store, tmp_path / "cost") == completed
+    assert json.loads((tmp_path / "cost" / f"{dcd.run_id}.json").read_text()) == completed
+    # without the teacher's checkpoint (a fresh clone) the sizes cannot be had: the stored timings still count
+    crd = make_config(PRESET, method="crd", teacher=teacher, epochs=1)
+    old = {"run_id": crd.run_id, "seconds_per_step": 2.5}
+    (tmp_path / "cost" / f"{crd.run_id}.json").write_text(json.dumps(old))
+    import shutil
+
+    shutil.rmtree(store.run_dir(teacher.run_id) / "checkpoints")
+    assert training_cost(crd, store, tmp_path / "cost") == old
+    assert json.loads((tmp_path / "cost" / f"{crd.run_id}.json").read_text()) == old
     with pytest.raises(ValueError, match="steps must be"):
         measure_training_cost(config, store, steps=0)

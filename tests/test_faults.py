@@ -262,3 +262,49 @@ def test_ctrl_c_names_the_epoch_and_a_half_written_metrics_line_is_repaired(tmp_
     path.write_text(good.replace('"epoch": 1', '"epoch": 1 oops', 1))
     with pytest.raises(RunError, match="line 1 is corrupt"):
         store.metrics(config.run_id)
+
+
+def test_a_run_from_uncommitted_code_records_the_diff(tmp_path, monkeypatch):
+    """The package's uncommitted changes (edited and new files) are hashed into the attempt record and kept
+    beside it, so a number maps to exact code; a clean package records none."""
+    import hashlib
+    import subprocess
+
+    from ckd_study import runs as runs_module
+    from ckd_study.train import DeviceSetup
+
+    repo = tmp_path / "repo"
+    (repo / "ckd_study").mkdir(parents=True)
+    (repo / "ckd_study" / "losses.py").write_text("TAU = 1.0\n")
+    (repo / "notes.txt").write_text("not code\n")
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                       capture_output=True)
+
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "base")
+    monkeypatch.setattr(runs_module, "REPO_ROOT", repo)
+    setup = DeviceSetup.for_device("cpu")
+    clean = runs_module.environment_record(setup)
+    assert clean["code_diff_sha256"] is None and clean["code_diff"] is None
+
+    (repo / "ckd_study" / "losses.py").write_text("TAU = 2.0\n")
+    (repo / "ckd_study" / "extra.py").write_text("NEW = 1\n")
+    (repo / "notes.txt").write_text("edited, still not code\n")
+    record = runs_module.environment_record(setup)
+    diff = record["code_diff"]
+    assert "-TAU = 1.0" in diff and "+TAU = 2.0" in diff and "+NEW = 1" in diff and "notes" not in diff
+    assert record["code_diff_sha256"] == hashlib.sha256(diff.encode()).hexdigest()
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    runs_module._record_attempt(run_dir, record)
+    runs_module._record_attempt(run_dir, record)
+    stored = [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["code_diff_sha256"] for a in stored] == [record["code_diff_sha256"]] * 2
+    assert all("code_diff" not in a for a in stored)
+    files = list((run_dir / "code_diffs").iterdir())
+    assert [f.name for f in files] == [record["code_diff_sha256"][:16] + ".diff"]
+    assert files[0].read_text() == diff

@@ -266,3 +266,23 @@ def test_docstrings_state_defaults_and_cite_the_spec(name):
     fields = [f.name for f in dataclasses.fields(build_options(name))]
     if fields:
         assert "default" in doc.lower(), f"{name}: docstring must state the defaults"
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TERMS))
+def test_added_state_counts_heads_temperature_and_memory_bank(name):
+    """What a run records as the method's own state, against the sizes the spec gives: two linear heads
+    (d_s·e + e and d_t·e + e), DCD's inverse temperature and bias, CRD's memory bank (2 × N × e, plus its two
+    normalisation constants); the logit methods (KD, DKD, CKD, MCLD, ...) add nothing."""
+    teacher, student = _pair("wrn_16_2", "resnet8")
+    n_train = 40
+    labels = torch.arange(n_train) % 10
+    options = {"nce_k": 8} if name == "crd" else {}
+    method = create_method(name, student, None if name == "ce" else teacher, num_train=n_train,
+                           train_labels=labels, **options)
+    d_s, d_t = student.pooled_dim, teacher.pooled_dim
+    heads = {"crd": 128, "dcd": 128, "dcd_kd": 128}.get(name)
+    parameters = 0 if heads is None else d_s * heads + heads + d_t * heads + heads
+    if name in ("dcd", "dcd_kd"):
+        parameters += 2  # log inverse temperature and bias
+    buffers = 2 * n_train * 128 + 2 if name == "crd" else 0
+    assert method.added_state() == {"method_parameters": parameters, "method_buffer_values": buffers}

@@ -183,7 +183,7 @@ def test_main_table_content(smoke):
     table = pd.read_csv(smoke.out / "main_table.csv", dtype=str, keep_default_na=False)
     assert list(table.columns) == ["T → S", "method", "seeds", study.TOP1, study.BEST, "published (%)",
                                    "Δ vs KD (pp)", "student − teacher (pp)", "s / epoch, live teacher",
-                                   "images/s, live teacher"]
+                                   "images/s, live teacher", "added parameters / memory"]
     methods = [study.METHOD_LABELS[m] for m in spec.main_methods]
     recipes = [study.METHOD_LABELS[f"{m}@{r}"] for m, r in spec.recipe_rows]
     assert recipes == ["CKD (released recipe)"]
@@ -211,6 +211,14 @@ def test_main_table_content(smoke):
         assert float(row["images/s, live teacher"]) == pytest.approx(record["images_per_s"], abs=0.5)
         assert record["images_per_s"] == pytest.approx(record["batch_size"] / record["seconds_per_step"])
         assert record["teacher_source"] == ("live" if entry.config.teacher is not None else None)
+        # what the method adds: no head or memory for the logit methods, CRD's bank is 2 × N × 128 (+ 2)
+        parameters, memory = (int(v.replace(",", "")) for v in row["added parameters / memory"].split(" / "))
+        assert (parameters, memory) == (record["method_parameters"], record["method_buffer_values"])
+        if entry.labels["method"] in ("kd", "ckd", "dkd", "ce", "mcld"):
+            assert (parameters, memory) == (0, 0)
+        elif entry.labels["method"] == "crd":
+            n_train = entry.config.train_per_class * 10  # digits: 10 classes
+            assert memory == 2 * n_train * 128 + 2 and parameters > 0
     md = (smoke.out / "main_table.md").read_text()
     assert "last-epoch top-1" in md and "preset 'smoke'" in md and "mean ± std" in md
 

@@ -87,7 +87,8 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                          TOP1: analysis.format_mean_std(t["last_top1"]), BEST: analysis.format_mean_std(t["best_top1"]),
                          "published (%)": analysis.format_number(published.get("teacher")),
                          "Δ vs KD (pp)": analysis.MISSING, STUDENT_MINUS_TEACHER: analysis.MISSING,
-                         SECONDS_PER_EPOCH: analysis.MISSING, IMAGES_PER_S: analysis.MISSING})
+                         SECONDS_PER_EPOCH: analysis.MISSING, IMAGES_PER_S: analysis.MISSING,
+                         ADDED_STATE: analysis.MISSING})
         for _, r in part.iterrows():
             gain = r["last_top1_mean"] - kd_mean if r["method"] != "kd" else float("nan")
             cost = costs.get((label, r["method"])) or {}
@@ -98,7 +99,8 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                          "Δ vs KD (pp)": analysis.format_number(gain, signed=True),
                          STUDENT_MINUS_TEACHER: analysis.format_number(r["last_top1_mean"] - teacher_top1, signed=True),
                          SECONDS_PER_EPOCH: analysis.format_number(cost.get("seconds_per_epoch"), digits=1),
-                         IMAGES_PER_S: analysis.format_number(cost.get("images_per_s"), digits=0)})
+                         IMAGES_PER_S: analysis.format_number(cost.get("images_per_s"), digits=0),
+                         ADDED_STATE: _added_state_text(cost)})
     table = pd.DataFrame(rows)
     caption = (f"Main table, preset '{preset}': test top-1 (%) on {data_description(first)}; "
                f"{budget_description(first)}, batch {first.batch_size}; every method under the same budget. "
@@ -111,7 +113,9 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
                "training epoch and images/s with the teacher run live on one device (not the cache the study's "
                "runs use), measured once over timed steps of the seed-0 config"
                + (f" ({_cost_steps(costs)}) on {_cost_machine(costs)}" if costs else "")
-               + ". MCLD is our reimplementation "
+               + f". {ADDED_STATE}: trainable values of the method's own modules (heads, a learned temperature) / "
+               "values it carries in checkpointed buffers (CRD's memory bank of 2 × N × 128), beside the student's "
+               "own. MCLD is our reimplementation "
                "(no public code); CKD and MCLD have no citable published numbers."
                + "".join(f" {METHOD_LABELS.get(f'{m}@{r}', f'{m}@{r}')}: {RECIPES[r]['label']} "
                          f"({_config(preset, m, spec.pairs[0], 0, recipe=r).epochs} epochs here), not the common "
@@ -134,6 +138,14 @@ def build_main_table(preset: str = "quick", *, train: bool = True, store: RunSto
 STUDENT_MINUS_TEACHER = "student − teacher (pp)"
 SECONDS_PER_EPOCH = "s / epoch, live teacher"
 IMAGES_PER_S = "images/s, live teacher"
+ADDED_STATE = "added parameters / memory"
+
+
+def _added_state_text(cost: Mapping[str, Any]) -> str:
+    """``Method.added_state`` from a cost record, e.g. ``16,640 / 0``; ``–`` without a record."""
+    if "method_parameters" not in cost:
+        return analysis.MISSING
+    return f"{cost['method_parameters']:,} / {cost['method_buffer_values']:,}"
 
 
 def _main_table_costs(run_set: _RunSet, preset: str, device: Any, verbose: bool) -> dict[tuple[str, str], dict]:
