@@ -13,7 +13,8 @@ from ..config import RECIPES, RunConfig, setting_label
 from ..runs import RunStore, atomic_write_json, read_json
 from .collect import (StudyResult, _collect, _options_changed, _RunSet, _seeds_text, _spread_table, _store,
                       _top1_columns, analysis_dir_for, budget_description, data_description, describe_run)
-from .grids import (ANCHOR_NEGATIVES, BEST, CKD_DEFAULT_CELL, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError,
+from .grids import (ANCHOR_NEGATIVES, BEST, CKD_DEFAULT_CELL, CKD_INTRA_INTER, CKD_TERM_VARIANTS, MCLD_COMPONENTS,
+                    MCLD_DEFAULTS, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError,
                     StudyError, StudySpec, _config, anchor_negatives_label,
                     _unique_configs, experiment_configs, pair_label, recipe_lr)
 
@@ -34,8 +35,8 @@ def build_teachers(preset: str = "quick", *, train: bool = True, store: RunStore
     rows, curves = [], {}
     for e in run_set.entries:
         cfg, s = e.config, summaries[e.config.run_id]
-        published = [PUBLISHED.get((e.labels["teacher"], p.split(" → ")[1]), {}).get("teacher")
-                     for p in e.labels["pairs"]] if spec.show_published else []
+        published = [PUBLISHED.get((e.labels["teacher"], student), {}).get("teacher")
+                     for student in e.labels["students"]] if spec.show_published else []
         published = next((v for v in published if v is not None), None)
         rows.append({"teacher": cfg.student, "used by (T → S)": ", ".join(e.labels["pairs"]), "seed": cfg.seed,
                      "epochs": cfg.epochs, TOP1: analysis.format_number(s["last_top1"]),
@@ -313,11 +314,13 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
     agg = analysis.mean_std_table(runs, by=["ablation", "variant", "change", "method"])
     refs = agg[agg["ablation"] == "reference"]
     grid = agg[agg["ablation"] != "reference"].copy()
-    full = {"CKD: intra vs inter": grid.loc[grid["variant"] == "intra + inter (full CKD)", "last_top1_mean"],
+    full = {CKD_INTRA_INTER: grid.loc[(grid["ablation"] == CKD_INTRA_INTER)
+                                      & (grid["variant"] == CKD_TERM_VARIANTS[("intra", "inter")]), "last_top1_mean"],
             ANCHOR_NEGATIVES: grid.loc[(grid["ablation"] == ANCHOR_NEGATIVES)
                                        & (grid["variant"] == anchor_negatives_label(*CKD_DEFAULT_CELL)),
                                        "last_top1_mean"],
-            "MCLD components (our reimpl.)": grid.loc[grid["change"] == "defaults", "last_top1_mean"]}
+            MCLD_COMPONENTS: grid.loc[(grid["ablation"] == MCLD_COMPONENTS) & (grid["change"] == MCLD_DEFAULTS),
+                                      "last_top1_mean"]}
     gains = []
     for _, r in grid.iterrows():
         ref = full.get(r["ablation"])

@@ -102,7 +102,7 @@ def _run_rows(entries: Sequence[Entry], summaries: Mapping[str, dict]):
     rows = []
     for e in entries:
         c, s = e.config, summaries[e.config.run_id]
-        rows.append({**{k: v for k, v in e.labels.items() if k != "pairs"}, "run_id": c.run_id,
+        rows.append({**{k: v for k, v in e.labels.items() if k not in ("pairs", "students")}, "run_id": c.run_id,
                      "last_top1": s["last_top1"], "best_top1": s["best_top1"], "best_epoch": s["best_epoch"],
                      "epochs": c.epochs, "batch_size": c.batch_size, "lr": c.base_lr,
                      "teacher_top1": s.get("teacher_top1"), "wall_time_s": round(float(s["wall_time_s"]), 1)})

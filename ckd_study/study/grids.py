@@ -266,9 +266,10 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
             teacher = _config(preset, "kd", p, 0).teacher
             if teacher.run_id in seen:
                 seen[teacher.run_id].labels["pairs"].append(pair_label(*p))
-            else:
+                seen[teacher.run_id].labels["students"].append(p[1])
+            else:  # "pairs" for display, "students" (model names) to look things up by
                 seen[teacher.run_id] = Entry({"teacher": p[0], "method": "ce", "seed": teacher.seed,
-                                              "pairs": [pair_label(*p)]}, teacher)
+                                              "pairs": [pair_label(*p)], "students": [p[1]]}, teacher)
         out = list(seen.values())
     elif experiment == "main":
         out = [Entry(_base_labels(p, m, s), _config(preset, m, p, s))
@@ -305,18 +306,16 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
                                               temperature=float("nan") if t is None else t,
                                               learnable=t is None, series="DCD"), cfg))
     elif experiment == "intra_inter":
-        names = {("intra",): "intra only (alignment)", ("inter",): "inter only (contrast)",
-                 ("intra", "inter"): "intra + inter (full CKD)"}
         for terms in spec.ckd_terms:
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "ckd", pair, s, method_options={"terms": list(terms)})
-                out.append(Entry(_base_labels(pair, "ckd", s, ablation="CKD: intra vs inter",
-                                              variant=names.get(tuple(terms), "+".join(terms)),
+                out.append(Entry(_base_labels(pair, "ckd", s, ablation=CKD_INTRA_INTER,
+                                              variant=CKD_TERM_VARIANTS.get(tuple(terms), "+".join(terms)),
                                               change=f"terms={list(terms)}"), cfg))
         for label, options in spec.ckd_extra_variants:
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "ckd", pair, s, method_options=dict(options))
-                out.append(Entry(_base_labels(pair, "ckd", s, ablation="CKD: intra vs inter", variant=label,
+                out.append(Entry(_base_labels(pair, "ckd", s, ablation=CKD_INTRA_INTER, variant=label,
                                               change=", ".join(f"{k}={v}" for k, v in options.items())), cfg))
         for anchor, negatives in spec.ckd_anchor_negatives:
             for s in spec.ablation_seeds:
@@ -327,8 +326,8 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
         for label, options in spec.mcld_grid:
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "mcld", pair, s, method_options=dict(options))
-                change = ", ".join(f"{k}={v}" for k, v in options.items()) or "defaults"
-                out.append(Entry(_base_labels(pair, "mcld", s, ablation="MCLD components (our reimpl.)",
+                change = ", ".join(f"{k}={v}" for k, v in options.items()) or MCLD_DEFAULTS
+                out.append(Entry(_base_labels(pair, "mcld", s, ablation=MCLD_COMPONENTS,
                                               variant=label, change=change), cfg))
         for m in ("ce", "kd"):  # references drawn on the figure (shared with the main table)
             for s in spec.ablation_seeds:
@@ -345,6 +344,13 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
 FIXED_WEIGHT = "CKD, λ_CL fixed"
 CONSTANT_PRODUCT = "CKD, λ_CL·τ constant (control)"
 ANCHOR_NEGATIVES = "CKD: anchor × negatives"
+# The intra/inter notebook's ablations and the variant each is measured against: one definition, used by the grid
+# and by the table, so that renaming a caption cannot silently empty a column.
+CKD_INTRA_INTER = "CKD: intra vs inter"
+CKD_TERM_VARIANTS = {("intra",): "intra only (alignment)", ("inter",): "inter only (contrast)",
+                     ("intra", "inter"): "intra + inter (full CKD)"}
+MCLD_COMPONENTS = "MCLD components (our reimpl.)"
+MCLD_DEFAULTS = "defaults"
 
 
 def anchor_negatives_label(anchor: str, negatives: str) -> str:
