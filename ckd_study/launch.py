@@ -31,14 +31,12 @@ import secrets
 import shutil
 import socket
 import subprocess
-import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .files import atomic_write_json
 from .runs import RunStore, _lock_owner, read_json, utc_now
 

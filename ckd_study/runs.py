@@ -33,7 +33,7 @@ from typing import Any, Iterator
 import torch
 
 from .config import RunConfig, cpu_has_native_bf16
-from .files import FileWriteError, atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
+from .files import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
 from .data import NUM_VIEWS, ImageDataset, load_dataset
 from .methods import create_method, method_class
 from .models import ZooModel, create_model

@@ -10,7 +10,6 @@ import os
 import shutil
 import socket
 import time
-import warnings
 from pathlib import Path
 
 import pytest

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ckd_study.config import make_config
-from ckd_study.data import Batch, load_dataset
+from ckd_study.data import load_dataset
 from ckd_study.methods import MethodError, available_methods, build_options, create_method, method_class
 from ckd_study.models import ModelOutput, create_model
 from ckd_study.train import DeviceSetup, LiveTeacher, Trainer

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-import warnings
 
 import pytest
 import torch
 
-from ckd_study.config import make_config, teacher_config
+from ckd_study.config import make_config
 from ckd_study.data import NUM_VIEWS, Batch, augment, load_dataset, sample_views
 from ckd_study.models import ModelOutput, create_model
 from ckd_study import teacher_cache

@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from ckd_study import cli, methods, train
+from ckd_study import cli, methods
 from ckd_study.config import make_config
 from ckd_study.data import BatchIterator, ImageDataset
 from ckd_study.models import ModelOutput
