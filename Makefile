@@ -33,11 +33,11 @@ lab: ## start JupyterLab on the notebooks
 
 reproduce: ## run every notebook in order with papermill into reports/<preset>/ (resumable)
 	@echo ">> reproducing the study with PRESET=$(PRESET)"
-	$(PY) -m ckd_study.study reproduce --preset $(PRESET)
+	$(PY) -m ckd_study reproduce --preset $(PRESET)
 
 figures: ## rebuild every table and figure of PRESET from stored results, without training
 	@echo ">> rebuilding tables and figures for PRESET=$(PRESET) from results/"
-	$(PY) -m ckd_study.study figures --preset $(PRESET)
+	$(PY) -m ckd_study figures --preset $(PRESET)
 
 bench: ## side-by-side speed benchmark: our engine vs the conventional KD loop (resnet32x4->8x4, resnet56->20)
 	@echo ">> benchmarking (writes benchmarks/results/)"
@@ -46,4 +46,4 @@ bench: ## side-by-side speed benchmark: our engine vs the conventional KD loop (
 
 clean-notebooks: ## strip outputs from the committed notebooks
 	@echo ">> stripping notebook outputs"
-	$(PY) -m ckd_study.study strip notebooks/*.ipynb
+	$(PY) -m ckd_study strip notebooks/*.ipynb

@@ -12,7 +12,7 @@ or on another one:
 - one campaign process at a time (a lock in the campaign folder); every line it prints is also appended to
   ``<results>/campaigns/<name>/campaign.log``, so it can run in the background (``nohup ... &``).
 
-CLI: ``python -m ckd_study.study campaign --preset paper --pair resnet56-resnet20 --minutes 150``
+CLI: ``python -m ckd_study campaign --preset paper --pair resnet56-resnet20 --minutes 150``
 (``--status`` prints where it stands without training).
 """
 

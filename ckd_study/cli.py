@@ -1,4 +1,8 @@
-"""``python -m ckd_study``: train, cache-teacher, import-teacher, list, show, models, methods.
+"""``python -m ckd_study``: the one command line of the project.
+
+Runs: train, cache-teacher, import-teacher, list, show, models, methods (this module). The study: reproduce,
+figures, plan, strip, campaign, launch (``ckd_study.study.cli``, which this entry point hands them to; the
+older spelling ``python -m ckd_study.study <command>`` still works).
 
 Examples::
 
@@ -10,6 +14,9 @@ Examples::
     python -m ckd_study import-teacher cifar_teachers/resnet56_vanilla/ckpt_epoch_240.pth --model resnet56
     python -m ckd_study list
     python -m ckd_study show <run-id>
+    python -m ckd_study plan --preset quick
+    python -m ckd_study reproduce --preset quick
+    python -m ckd_study campaign --preset paper --pair resnet56-resnet20 --minutes 150
 """
 
 from __future__ import annotations
@@ -65,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m ckd_study", parents=[_common_flags(True)],
                                      description="Contrastive knowledge distillation study on CIFAR-100.")
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,cache-teacher,import-teacher,list,show,models,methods}")
+                                metavar="{train,cache-teacher,import-teacher,list,show,models,methods,"
+                                        + ",".join(STUDY_COMMANDS) + "}")
     common = _common_flags(False)
 
     def command(name: str, **kwargs) -> argparse.ArgumentParser:  # every command takes the common flags too
@@ -98,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("run_id")
     command("models", help="the model zoo with parameter counts")
     command("methods", help="the methods and their options with defaults")
+    for name, text in STUDY_COMMANDS.items():  # listed here, parsed by the study's own parser (see main)
+        sub.add_parser(name, help=f"{text} (`python -m ckd_study {name} --help`)", add_help=False)
     return parser
 
 
@@ -339,9 +349,26 @@ def report_errors(run_command, debug: bool) -> int:
         return 1
 
 
+# The study's commands (``ckd_study.study.cli``) and their one-line help.
+STUDY_COMMANDS = {
+    "reproduce": "execute every notebook of a preset with papermill",
+    "figures": "rebuild a preset's tables and figures from the store, without training",
+    "plan": "list the runs of every notebook and their status",
+    "strip": "remove outputs and execution counts from notebooks",
+    "campaign": "train a teacher and its students one after another in a time box",
+    "launch": "train a preset's plan with local workers or as SLURM jobs",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from .runs import RunStore
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in STUDY_COMMANDS and all(a == "--debug" for a in argv[:argv.index(command)]):
+        from .study.cli import main as study_main
+
+        return study_main(argv)
     args = build_parser().parse_args(argv)
     return report_errors(lambda: COMMANDS[args.command](args, RunStore(args.results_dir)), args.debug)
 

@@ -16,7 +16,7 @@ SLURM it must be on a filesystem every node mounts at the same path (the launche
 job checks before it trains). What each run's last launch did is kept in ``<results>/launch/<preset>/``
 (``runs/<run id>.json``: state, where, job id, last error line; ``slurm/``: submitit's scripts and logs).
 
-CLI: ``python -m ckd_study.study launch --preset paper --executor slurm --partition gpu --max-parallel 64``;
+CLI: ``python -m ckd_study launch --preset paper --executor slurm --partition gpu --max-parallel 64``;
 ``--status`` prints each run's state. Afterwards ``make figures PRESET=...`` builds tables and figures from the
 store as usual.
 """

@@ -195,3 +195,21 @@ def test_the_quick_teacher_weights_are_committed():
         pytest.skip("no committed quick teacher run")
     teacher = store.load_model(config.run_id)
     assert teacher.num_classes == 100 and type(teacher).__name__ == "CifarResNet"
+
+
+def test_one_command_line_for_runs_and_the_study(tmp_path, capsys, monkeypatch):
+    """`python -m ckd_study` takes the study's commands too (plan, figures, campaign, ...), with the same output
+    and exit codes as `python -m ckd_study.study`, and lists them in its help."""
+    from ckd_study.study import main as study_main
+
+    monkeypatch.setenv("CKD_DATA_DIR", str(tmp_path / "nowhere"))
+    results = str(tmp_path / "results")
+    code, out, _ = _main(capsys, "plan", "--preset", "smoke", "--results-dir", results)
+    assert code == study_main(["plan", "--preset", "smoke", "--results-dir", results]) == 0
+    assert out == capsys.readouterr().out and "distinct runs:" in out
+    code, _, err = _main(capsys, "campaign", "--preset", "smoke", "--pair", "resnet14", "--results-dir", results)
+    assert code == 1 and "resnet14" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    listed = capsys.readouterr().out
+    assert all(name in listed for name in cli.STUDY_COMMANDS) and "train" in listed

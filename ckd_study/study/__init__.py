@@ -4,10 +4,10 @@ The notebooks in ``notebooks/`` are thin: a ``parameters`` cell (``preset``, ``t
 ``figures_dir``) and a call to one builder of this module. Everything they show is produced here, so it can
 also be rebuilt without Jupyter::
 
-    python -m ckd_study.study reproduce --preset quick   # run every notebook (papermill), training what is missing
-    python -m ckd_study.study figures --preset quick     # rebuild every table and figure from the store, no training
-    python -m ckd_study.study plan --preset quick        # the runs of every notebook and whether they are stored
-    python -m ckd_study.study strip notebooks/*.ipynb    # remove outputs from notebooks before committing
+    python -m ckd_study reproduce --preset quick   # run every notebook (papermill), training what is missing
+    python -m ckd_study figures --preset quick     # rebuild every table and figure from the store, no training
+    python -m ckd_study plan --preset quick        # the runs of every notebook and whether they are stored
+    python -m ckd_study strip notebooks/*.ipynb    # remove outputs from notebooks before committing
 
 Grids are data: :data:`STUDY` maps each preset to a :class:`StudySpec` (pairs, seeds, methods, batch sizes,
 temperatures, the MCLD component grid, the t-SNE subset...). :func:`experiment_configs` turns a spec into
@@ -29,7 +29,7 @@ from those files, so with them present no checkpoint is needed.
 
 Layout: ``grids`` (the experiments as data), ``collect`` (reading and producing an experiment's runs),
 ``builders`` (one per notebook; the plan; rebuilding figures), ``notebooks`` (papermill execution, stripping),
-``cli`` (``python -m ckd_study.study``). Everything public is re-exported here.
+``cli`` (``python -m ckd_study <command>``). Everything public is re-exported here.
 """
 
 from __future__ import annotations

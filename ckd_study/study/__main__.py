@@ -1,4 +1,4 @@
-"""``python -m ckd_study.study``."""
+"""``python -m ckd_study.study``: the study's commands, the same as ``python -m ckd_study <command>``."""
 
 import sys
 

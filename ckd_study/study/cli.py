@@ -1,4 +1,5 @@
-"""``python -m ckd_study.study``: reproduce, figures, plan, strip, campaign, launch."""
+"""The study's commands: reproduce, figures, plan, strip, campaign, launch (``python -m ckd_study <command>``;
+``python -m ckd_study.study <command>`` is the same)."""
 
 from __future__ import annotations
 
@@ -81,7 +82,7 @@ def _launch_command(args: argparse.Namespace) -> int:
             rows = wait_for(configs, store, args.preset, timeout_s=args.wait)
             print(format_status(rows))
             return 0 if all(r["state"] == "finished" for r in rows) else 1
-        print(f"follow with: python -m ckd_study.study launch --preset {args.preset} --status"
+        print(f"follow with: python -m ckd_study launch --preset {args.preset} --status"
               + (f" --results-dir {args.results_dir}" if args.results_dir else ""))
         return 0
     except (LaunchError, ConfigError, RunError) as exc:
@@ -90,7 +91,7 @@ def _launch_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m ckd_study.study``: user errors print one message (``--debug``: the traceback), as in
+    """The study's commands: user errors print one message (``--debug``: the traceback), as in
     ``python -m ckd_study``."""
     from ..cli import report_errors
 
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m ckd_study.study", epilog="--debug: show tracebacks",
+    parser = argparse.ArgumentParser(prog="python -m ckd_study", epilog="--debug: show tracebacks",
                                      description="Run the study's notebooks, rebuild its tables and figures.")
     sub = parser.add_subparsers(dest="command", required=True)
 

@@ -55,8 +55,8 @@ def describe_run(config: RunConfig) -> str:
 
 
 def _how_to_produce(preset: str) -> str:
-    return (f"Produce them with `make reproduce PRESET={preset}` (or `python -m ckd_study.study reproduce --preset "
-            f"{preset}`), or call the builder with train=True; `python -m ckd_study.study plan --preset {preset}` "
+    return (f"Produce them with `make reproduce PRESET={preset}` (or `python -m ckd_study reproduce --preset "
+            f"{preset}`), or call the builder with train=True; `python -m ckd_study plan --preset {preset}` "
             f"lists every run of the study and its status.")
 
 
