@@ -406,22 +406,25 @@ def utc_now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+def _git(*args: str, ok: tuple[int, ...] = (0,)) -> str | None:
+    """``git ARGS`` in the repository: its stdout when the exit code is in ``ok``, None when git fails or is
+    missing (a run outside a checkout records no commit rather than failing)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode in ok else None
+
+
 def package_diff() -> str | None:
     """The package's uncommitted changes: ``git diff HEAD -- ckd_study`` plus each new, untracked file of the
     package as a diff from nothing; None when the package is as committed (or git is unavailable). Changes to
     notebooks, tests or the results store do not change what a run computes and are not included."""
-    def git(*args: str, ok=(0,)) -> str | None:
-        try:
-            done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout if done.returncode in ok else None
-
-    tracked = git("diff", "HEAD", "--", "ckd_study")
+    tracked = _git("diff", "HEAD", "--", "ckd_study")
     if tracked is None:
         return None
-    untracked = (git("ls-files", "--others", "--exclude-standard", "--", "ckd_study") or "").split()
-    new_files = [git("diff", "--no-index", "--", "/dev/null", name, ok=(0, 1)) or "" for name in untracked]
+    untracked = (_git("ls-files", "--others", "--exclude-standard", "--", "ckd_study") or "").split()
+    new_files = [_git("diff", "--no-index", "--", "/dev/null", name, ok=(0, 1)) or "" for name in untracked]
     text = tracked + "".join(new_files)
     return text or None
 
@@ -433,13 +436,6 @@ def environment_record(setup) -> dict:
     record carries the diff itself under ``code_diff`` (:func:`_record_attempt` moves it to
     ``<run>/code_diffs/<sha256 prefix>.diff``), so that every number maps to exact code."""
     device = setup.device
-    def git(*args: str) -> str | None:
-        try:
-            return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                                  timeout=10).stdout.strip() or None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
     import numpy
 
     import ckd_study
@@ -454,8 +450,8 @@ def environment_record(setup) -> dict:
     except ImportError:  # pragma: no cover
         pass
     return {
-        "git_commit": git("rev-parse", "HEAD"),
-        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "git_commit": (_git("rev-parse", "HEAD") or "").strip() or None,
+        "git_dirty": bool((_git("status", "--porcelain", "--untracked-files=no") or "").strip()),
         "code_diff_sha256": None if code_diff is None else hashlib.sha256(code_diff.encode()).hexdigest(),
         "code_diff": code_diff,
         "versions": versions,

@@ -288,6 +288,8 @@ def test_a_run_from_uncommitted_code_records_the_diff(tmp_path, monkeypatch):
     setup = DeviceSetup.for_device("cpu")
     clean = runs_module.environment_record(setup)
     assert clean["code_diff_sha256"] is None and clean["code_diff"] is None
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert clean["git_commit"] == head and clean["git_dirty"] is False
 
     (repo / "ckd_study" / "losses.py").write_text("TAU = 2.0\n")
     (repo / "ckd_study" / "extra.py").write_text("NEW = 1\n")
@@ -296,6 +298,7 @@ def test_a_run_from_uncommitted_code_records_the_diff(tmp_path, monkeypatch):
     diff = record["code_diff"]
     assert "-TAU = 1.0" in diff and "+TAU = 2.0" in diff and "+NEW = 1" in diff and "notes" not in diff
     assert record["code_diff_sha256"] == hashlib.sha256(diff.encode()).hexdigest()
+    assert record["git_commit"] == head and record["git_dirty"] is True
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
