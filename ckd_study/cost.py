@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import RunConfig
+from .data import DatasetError
 from .files import atomic_write_json
 from .runs import RunError, RunStore, cpu_name, read_json, utc_now
 
@@ -68,11 +69,20 @@ def measure_training_cost(config: RunConfig, store: RunStore, *, steps: int = 20
             "cpu": cpu_name(), "torch": torch.__version__, "measured_at": utc_now(), **method.added_state()}
 
 
-def added_state(config: RunConfig, store: RunStore, *, data_root: str | Path | None = None) -> dict[str, int]:
-    """``Method.added_state`` of ``config``'s method, built as a run builds it (on the CPU: only sizes count)."""
-    from .runs import training_parts
+def added_state(config: RunConfig, *, data_root: str | Path | None = None) -> dict[str, int]:
+    """``Method.added_state`` of ``config``'s method: the method built over freshly initialised student and
+    teacher models of the configured architectures (only the sizes count, so the teacher's checkpoint is not
+    needed) and the configured training set (its size sets CRD's memory bank)."""
+    from .methods import create_method
+    from .models import create_model
+    from .runs import dataset_for
 
-    return training_parts(config, store, "cpu", data_root)[-1].added_state()
+    data = dataset_for(config, torch.device("cpu"), data_root)
+    student = create_model(config.student, data.num_classes)
+    teacher = None if config.teacher is None else create_model(config.teacher.student, data.num_classes)
+    method = create_method(config.method, student, teacher, num_train=len(data.x_train),
+                           train_labels=data.y_train, **config.method_options)
+    return method.added_state()
 
 
 def training_cost(config: RunConfig, store: RunStore, folder: Path, *, measure: bool = True, **kwargs: Any
@@ -84,8 +94,8 @@ def training_cost(config: RunConfig, store: RunStore, folder: Path, *, measure: 
         if record.get("run_id") == config.run_id:
             if "method_parameters" not in record:  # measured before records held it: sizes, not timings, added
                 try:
-                    record.update(added_state(config, store, data_root=kwargs.get("data_root")))
-                except (RunError, OSError):  # the sizes need the teacher's checkpoint: the table shows "–"
+                    record.update(added_state(config, data_root=kwargs.get("data_root")))
+                except (DatasetError, OSError):  # the sizes need the training set: the table shows "–"
                     return record
                 atomic_write_json(path, record)
             return record

@@ -125,14 +125,24 @@ def test_training_cost_is_measured_with_the_live_teacher_and_stored(tmp_path, mo
     completed = {**old, "method_parameters": (d_s + 1) * 128 + (d_t + 1) * 128 + 2, "method_buffer_values": 0}
     assert training_cost(dcd, store, tmp_path / "cost") == completed
     assert json.loads((tmp_path / "cost" / f"{dcd.run_id}.json").read_text()) == completed
-    # without the teacher's checkpoint (a fresh clone) the sizes cannot be had: the stored timings still count
+    # The sizes need the architectures and the training set, not the teacher's weights: a fresh clone without
+    # the teacher's checkpoint still completes a record. CRD: two heads to 128 and the 2 × N × 128 memory bank
+    # (plus its two normalisation constants) over the N = 24 × 10 smoke training images.
     crd = make_config(PRESET, method="crd", teacher=teacher, epochs=1)
     old = {"run_id": crd.run_id, "seconds_per_step": 2.5}
     (tmp_path / "cost" / f"{crd.run_id}.json").write_text(json.dumps(old))
     import shutil
 
     shutil.rmtree(store.run_dir(teacher.run_id) / "checkpoints")
-    assert training_cost(crd, store, tmp_path / "cost") == old
-    assert json.loads((tmp_path / "cost" / f"{crd.run_id}.json").read_text()) == old
+    n_train = crd.train_per_class * 10
+    completed = {**old, "method_parameters": (d_s + 1) * 128 + (d_t + 1) * 128,
+                 "method_buffer_values": 2 * n_train * 128 + 2}
+    assert training_cost(crd, store, tmp_path / "cost") == completed
+    assert json.loads((tmp_path / "cost" / f"{crd.run_id}.json").read_text()) == completed
+    # without the training set the sizes cannot be had: the stored timings still count, the table shows "–"
+    quick = make_config("quick", method="crd", teacher=make_config("quick", method="ce", student="resnet20"))
+    old = {"run_id": quick.run_id, "seconds_per_step": 3.5}
+    (tmp_path / "cost" / f"{quick.run_id}.json").write_text(json.dumps(old))
+    assert training_cost(quick, store, tmp_path / "cost", data_root=tmp_path / "no-data") == old
     with pytest.raises(ValueError, match="steps must be"):
         measure_training_cost(config, store, steps=0)
