@@ -240,6 +240,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "batch_size": 64,
         "milestones": (3, 4),
         "teacher_milestones": (8, 10),
+        # The committed reference outputs were trained in float32: pinned, so that every machine (a CPU with
+        # or without native bf16, a GPU) names, finds and extends the same runs (--precision overrides it).
+        "precision": "fp32",
         "method_options": {"dkd": {"warmup": 2}, "dkd_ls": {"warmup": 2}, "mcld": {"warmup": 2},
                            "crd": {"nce_k": 4096}},
     },
@@ -251,6 +254,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "student": "resnet20",
         "teacher_student": "resnet56",
         "teacher_preset": "paper",
+        # float32 on every machine, like that teacher (the reproduction's campaign plan froze fp32)
+        "precision": "fp32",
+        "teacher_precision": "fp32",
         "epochs": 20,
         "schedule": "cosine",
         "milestones": (),
@@ -270,7 +276,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     },
 }
 
-_PRESET_ONLY_KEYS = ("teacher_student", "teacher_epochs", "teacher_milestones", "teacher_preset", "method_options")
+_PRESET_ONLY_KEYS = ("teacher_student", "teacher_epochs", "teacher_milestones", "teacher_preset", "teacher_precision",
+                     "method_options")
 
 
 def available_presets() -> list[str]:
@@ -326,6 +333,8 @@ def make_config(preset: str = "paper", *, method: str = "ce", teacher: "str | Ru
     fields.update(overrides)
     if needs_teacher and not isinstance(teacher, RunConfig):
         shared = {k: fields[k] for k in ("dataset", "train_per_class", "test_per_class") if k in fields}
+        if "teacher_precision" in p:
+            shared["precision"] = p["teacher_precision"]
         # a preset may distil from another preset's teacher run (medium: the paper recipe's), shared, not retrained
         teacher = teacher_config(p.get("teacher_preset", preset), teacher or p["teacher_student"], device=device,
                                  **{**shared, **(teacher_overrides or {})})

@@ -146,7 +146,7 @@ def test_reference_loop_and_engine_compute_the_same_loss(cached, channels_last):
     subset = bt.benchmark_subset("synthetic", Path("."), B)
     data = bt.subset_dataset(subset)
     config = bt.engine_config({"teacher": "resnet14", "student": "resnet8", "batch_size": B, "compile": False},
-                              data.name)
+                              data.name, precision="fp32")
     assert config.method == "ckd" and config.method_options["weight"] == 100.0
 
     # the conventional pipeline: torchvision's own __getitem__ (Image.fromarray + PIL transforms)
@@ -172,7 +172,8 @@ def test_reference_loop_and_engine_compute_the_same_loss(cached, channels_last):
 
     # identical initial weights on both sides
     ref_student, ref_teacher = bt.reference_models(config, data.num_classes)
-    setup = dataclasses.replace(DeviceSetup.for_device("cpu"), channels_last=channels_last)
+    # float32 like the reference loop (auto would pick bf16 on a CPU with native bf16)
+    setup = dataclasses.replace(DeviceSetup.for_device("cpu", "fp32"), channels_last=channels_last)
     trainer, cache = bt.build_engine(config, data, setup, cached=cached)
     for ours, ref in ((trainer.student, ref_student), (trainer.teacher_source.model if not cached
                                                        else trainer.teacher_source.live.model, ref_teacher)):

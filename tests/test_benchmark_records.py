@@ -95,3 +95,21 @@ def test_memory_format_table_quotes_its_json(records):
     prose = " ".join(section.split())
     assert f"{train['resnet20']:.2f}× (resnet20)" in prose and f"{train['resnet8']:.2f}× (resnet8)" in prose
     assert not bf16["cpu_native_bf16"] and bf16["auto_resolves_to"] == "fp32"
+
+
+def test_xeon_bf16_table_quotes_its_json(records):
+    """Section 1e: the Intel Xeon (AVX512-BF16, no AMX visible) where ``auto`` picks bf16 and bf16 was slower,
+    every row from its JSON, and the claim "slower in every row" checked against the data."""
+    results_md, _ = records
+    section = results_md.split("## 1e.")[1].split("## 2.")[0]
+    rows = 0
+    for run in ("a", "b"):
+        bench = json.loads((RESULTS / f"bench_precision_cpu_xeon_2026-12-03_{run}.json").read_text())
+        assert bench["cpu_native_bf16"] and bench["auto_resolves_to"] == "bf16" and bench["threads"] == 2
+        for r in bench["rows"]:
+            row = (f"| {r['kind']} | {r['model']} | {run} | {r['fp32']:.1f} | {r['fp32_channels_last']:.1f} | "
+                   f"{r['bf16']:.1f} | {r['bf16_over_fp32']:.2f}× |")
+            assert row in section, row
+            assert r["bf16"] < min(r["fp32"], r["fp32_channels_last"]), row
+            rows += 1
+    assert section.count("| train step |") + section.count("| teacher forward |") == rows

@@ -146,3 +146,24 @@ def test_teacher_config_precision_is_resolved_too(monkeypatch):
     monkeypatch.setenv("CKD_CPU_BF16", "0")
     assert teacher_config("smoke", device="cpu").precision == "fp32"
     assert teacher_config("smoke", device="cuda").precision == "bf16"
+
+
+def test_quick_and_medium_name_the_same_runs_on_every_machine(monkeypatch):
+    """quick's committed outputs and medium's reused teacher were trained in float32: both presets pin fp32, so
+    a CPU with or without native bf16, or a GPU, resolves them to the same run ids (smoke keeps ``auto``)."""
+    seen = set()
+    for flag, device in (("0", "cpu"), ("1", "cpu"), ("0", "cuda")):
+        monkeypatch.setenv("CKD_CPU_BF16", flag)
+        quick = make_config("quick", method="kd", device=device)
+        medium = make_config("medium", method="ckd", device=device)
+        seen.add((quick.run_id, quick.teacher.run_id, medium.run_id, medium.teacher.run_id))
+        assert {quick.precision, quick.teacher.precision, medium.precision, medium.teacher.precision} == {"fp32"}
+    assert len(seen) == 1
+    # the teacher is the paper recipe's float32 resnet56: the run the CPU reproduction's frozen plan trains
+    plan = json.loads((REPO / "results/campaigns/paper-resnet56-resnet20-s0/plan.json").read_text())
+    assert medium.teacher == RunConfig.from_dict({**plan["configs"][0], "teacher": None})
+    assert medium.teacher.run_id == teacher_config("paper", "resnet56", precision="fp32").run_id
+    # an explicit precision changes the student only; the preset's teacher stays the same run
+    assert make_config("medium", method="ckd", precision="bf16").teacher.run_id == medium.teacher.run_id
+    monkeypatch.setenv("CKD_CPU_BF16", "1")
+    assert make_config("smoke", method="kd", device="cpu").precision == "bf16"

@@ -27,7 +27,8 @@ def setup():
     torch.manual_seed(0)
     data = load_dataset("digits").subset(6, 2)
     teacher = create_model("resnet14", data.num_classes).eval()
-    dev = DeviceSetup.for_device("cpu")
+    # float32: the exactness checks compare with a plain float32 forward (auto is bf16 on a CPU with native bf16)
+    dev = DeviceSetup.for_device("cpu", "fp32")
     return data, teacher, dev
 
 
