@@ -11,7 +11,7 @@ from .. import analysis
 from ..published import PUBLISHED
 from ..config import RECIPES, RunConfig, setting_label
 from ..runs import RunStore, atomic_write_json, read_json
-from .collect import (StudyResult, _collect, _options_changed, _RunSet, _seeds_text, _spread_table, _store,
+from .collect import (ExperimentRuns, StudyResult, _collect, _options_changed, _seeds_text, _spread_table, _store,
                       _top1_columns, analysis_dir_for, budget_description, data_description, describe_run)
 from .grids import (ANCHOR_NEGATIVES, BEST, CKD_DEFAULT_CELL, CKD_INTRA_INTER, CKD_TERM_VARIANTS, MCLD_COMPONENTS,
                     MCLD_DEFAULTS, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError,
@@ -149,7 +149,8 @@ def _added_state_text(cost: Mapping[str, Any]) -> str:
     return f"{cost['method_parameters']:,} / {cost['method_buffer_values']:,}"
 
 
-def _main_table_costs(run_set: _RunSet, preset: str, device: Any, verbose: bool) -> dict[tuple[str, str], dict]:
+def _main_table_costs(run_set: ExperimentRuns, preset: str, device: Any,
+                      verbose: bool) -> dict[tuple[str, str], dict]:
     """(pair label, method key) -> the cost record of the row's seed-0 config (measured once, then read from
     ``<results>/analysis/<preset>/cost/``); rows whose teacher checkpoint is missing get none (a note says so)."""
     from ..cost import training_cost
@@ -283,7 +284,7 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
                        extra={"aggregate": agg, "spread": spread, "dcd_kappa": kappa})
 
 
-def _dcd_kappa_curves(run_set: _RunSet):
+def _dcd_kappa_curves(run_set: ExperimentRuns):
     """DCD's κ per epoch (``dcd_kappa`` in metrics.jsonl), one curve per run of the temperature grid; None when
     a DCD run did not log it (runs stored before it was recorded)."""
     import pandas as pd
@@ -355,7 +356,7 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
 # ---------------------------------------------------------------------------------------------------------
 # 06 t-SNE and 07 correlation: derived files from checkpoints, figures from the derived files
 # ---------------------------------------------------------------------------------------------------------
-def _analysed_runs(run_set: _RunSet, preset: str):
+def _analysed_runs(run_set: ExperimentRuns, preset: str):
     """The analysed teacher and students as ``(panel name, config, summary)``: ``(teacher, [students])``."""
     teacher = _config(preset, "kd", run_set.spec.pair, run_set.spec.analysis_seed).teacher
     students = [(METHOD_LABELS.get(e.labels["method"], e.labels["method"]), e.config,
@@ -363,11 +364,13 @@ def _analysed_runs(run_set: _RunSet, preset: str):
     return (f"Teacher ({teacher.student})", teacher, run_set.summaries[teacher.run_id]), students
 
 
-def _tag(config: RunConfig, summary: Mapping[str, Any]) -> str:
+def _derived_file_stem(config: RunConfig, summary: Mapping[str, Any]) -> str:
+    """A derived file's name stem: the run id and its final weights' sha256 prefix, so that a retrained run
+    never reuses the analysis of the weights it replaced."""
     return f"{config.run_id}_{summary['final_sha256'][:8]}"
 
 
-class _Outputs:
+class StoredModelOutputs:
     """Test-set outputs of stored models, computed at most once per builder call."""
 
     def __init__(self, store: RunStore, device: Any) -> None:
@@ -430,10 +433,10 @@ def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | s
     teacher, students = _analysed_runs(run_set, preset)
     folder = analysis_dir_for(store, preset) / "tsne"
     subset = f"{features}_c{spec.tsne_classes or 'all'}_n{spec.tsne_per_class or 'all'}_s{spec.analysis_seed}"
-    outputs = _Outputs(store, device)
+    outputs = StoredModelOutputs(store, device)
     panels, rows, problems = {}, [], []
     for name, config, summary in [teacher, *students]:
-        path = folder / f"{_tag(config, summary)}_{subset}.csv"
+        path = folder / f"{_derived_file_stem(config, summary)}_{subset}.csv"
         meta_path = path.with_suffix(".json")
         if not (path.exists() and meta_path.exists()):
             problem = _checkpoint_problem(store, config)
@@ -507,12 +510,13 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
     spec, store, out = run_set.spec, run_set.store, run_set.out
     teacher, students = _analysed_runs(run_set, preset)
     folder = analysis_dir_for(store, preset) / "correlation"
-    outputs = _Outputs(store, device)
+    outputs = StoredModelOutputs(store, device)
     t_name, t_config, t_summary = teacher
     problems = []
 
     def class_means(config, summary) -> dict[str, Path]:
-        paths = {v: folder / f"classmean_{v}_{_tag(config, summary)}.csv" for v in ("raw", "zscore")}
+        stem = _derived_file_stem(config, summary)
+        paths = {v: folder / f"classmean_{v}_{stem}.csv" for v in ("raw", "zscore")}
         if not all(p.exists() for p in paths.values()):
             problem = _checkpoint_problem(store, config)
             if problem:
@@ -529,7 +533,8 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
     rows, matrices, matrices_z = [], {}, {}
     for name, config, summary in students:
         means = class_means(config, summary)
-        metrics_path = folder / f"metrics_{_tag(config, summary)}__{_tag(t_config, t_summary)}.json"
+        pair_stem = f"{_derived_file_stem(config, summary)}__{_derived_file_stem(t_config, t_summary)}"
+        metrics_path = folder / f"metrics_{pair_stem}.json"
         if not metrics_path.exists():
             problem = _checkpoint_problem(store, config) or _checkpoint_problem(store, t_config)
             if problem:

@@ -110,7 +110,7 @@ def _run_rows(entries: Sequence[Entry], summaries: Mapping[str, dict]):
 
 
 @dataclass
-class _RunSet:
+class ExperimentRuns:
     """What every builder starts from: the spec, store and output folder, the experiment's entries, their
     summaries (trained or read) and one row per run."""
 
@@ -127,13 +127,13 @@ class _RunSet:
 
 
 def _collect(preset: str, experiment: str, what: str, *, store, figures_dir, spec, train: bool, verbose: bool,
-             device: Any) -> _RunSet:
+             device: Any) -> ExperimentRuns:
     spec = spec or study_spec(preset)
     store = _store(store)
     entries = experiment_configs(preset, experiment, spec)
     summaries = ensure_runs(entries, preset=preset, what=what, store=store, train=train, verbose=verbose,
                             device=device)
-    return _RunSet(spec, store, figures_dir_for(preset, figures_dir), entries, summaries,
+    return ExperimentRuns(spec, store, figures_dir_for(preset, figures_dir), entries, summaries,
                       _run_rows(entries, summaries))
 
 
