@@ -290,7 +290,8 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
                f"recipe ({campaign.configs[-1].epochs} epochs, batch {campaign.configs[-1].batch_size}, seed "
                f"{campaign.configs[-1].seed}, {teacher_cfg.precision}) on {machine}. Measured, never tuned or selected: "
                f"one seed per run. Δ: last-epoch top-1 minus the published number; rows more than {INVESTIGATE_PP} pp "
-               f"away are marked for investigation. Hours: the run's train + evaluation time, summed over its attempts on the machines named. "
+               f"away are marked for investigation. Hours: the run's train + evaluation time, summed over its "
+               f"attempts on the machines named. "
                f"Unfinished runs show their latest test top-1 only. CKD and MCLD publish no citable number.")
     files = [analysis.save_table(table, out / stem, caption=caption)]
     curve_frame = pd.DataFrame(curves, columns=["run", "epoch", "test_top1"])
