@@ -1,7 +1,9 @@
-"""Shared fixtures: the real CIFAR-100 root (skipped with a reason when absent) and quiet CPU threads."""
+"""Shared fixtures: the real CIFAR-100 root (skipped with a reason when absent), the CPU reproduction's frozen
+plan, and quiet CPU threads."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -17,6 +19,16 @@ def cifar100_root() -> Path | None:
         if c and ((Path(c) / "cifar100").is_dir() or (Path(c) / "cifar-100-python").is_dir()):
             return Path(c)
     return None
+
+
+@pytest.fixture(scope="session")
+def reproduction_plan() -> dict:
+    """The committed plan of the CPU reproduction (paper recipe, resnet56 -> resnet20, seed 0): the run ids and
+    resolved configs it froze when it first started; ``medium`` reuses its teacher."""
+    from ckd_study.campaign import campaign_name
+
+    name = campaign_name("paper", ("resnet56", "resnet20"), seed=0)
+    return json.loads((REPO / "results" / "campaigns" / name / "plan.json").read_text())
 
 
 @pytest.fixture(scope="session")

@@ -148,7 +148,7 @@ def test_teacher_config_precision_is_resolved_too(monkeypatch):
     assert teacher_config("smoke", device="cuda").precision == "bf16"
 
 
-def test_quick_and_medium_name_the_same_runs_on_every_machine(monkeypatch):
+def test_quick_and_medium_name_the_same_runs_on_every_machine(monkeypatch, reproduction_plan):
     """quick's committed outputs and medium's reused teacher were trained in float32: both presets pin fp32, so
     a CPU with or without native bf16, or a GPU, resolves them to the same run ids (smoke keeps ``auto``)."""
     seen = set()
@@ -160,8 +160,7 @@ def test_quick_and_medium_name_the_same_runs_on_every_machine(monkeypatch):
         assert {quick.precision, quick.teacher.precision, medium.precision, medium.teacher.precision} == {"fp32"}
     assert len(seen) == 1
     # the teacher is the paper recipe's float32 resnet56: the run the CPU reproduction's frozen plan trains
-    plan = json.loads((REPO / "results/campaigns/paper-resnet56-resnet20-s0/plan.json").read_text())
-    assert medium.teacher == RunConfig.from_dict({**plan["configs"][0], "teacher": None})
+    assert medium.teacher == RunConfig.from_dict({**reproduction_plan["configs"][0], "teacher": None})
     assert medium.teacher.run_id == teacher_config("paper", "resnet56", precision="fp32").run_id
     # an explicit precision changes the student only; the preset's teacher stays the same run
     assert make_config("medium", method="ckd", precision="bf16").teacher.run_id == medium.teacher.run_id

@@ -51,7 +51,7 @@ def expected_files(folder: Path) -> list[Path]:
 # ---------------------------------------------------------------------------------------------------------
 # Fast checks: the grids, the committed notebooks
 # ---------------------------------------------------------------------------------------------------------
-def test_grids_are_data_for_every_preset():
+def test_grids_are_data_for_every_preset(reproduction_plan):
     assert set(study.STUDY) == set(PRESETS)
     for preset, spec in study.STUDY.items():
         for experiment in study.EXPERIMENTS:
@@ -71,8 +71,7 @@ def test_grids_are_data_for_every_preset():
     medium = launch_plan("medium")
     teachers = {c.teacher.run_id for c in medium if c.teacher is not None}
     # the teacher the CPU reproduction trains: its frozen plan's first run (fp32 on every machine)
-    frozen = json.loads((REPO / "results/campaigns/paper-resnet56-resnet20-s0/plan.json").read_text())
-    assert teachers == {frozen["run_ids"][0]}
+    assert teachers == {reproduction_plan["run_ids"][0]}
     students = [c for c in medium if c.teacher is not None]
     assert all((c.dataset, c.train_per_class, c.student, c.schedule) == ("cifar100", None, "resnet20", "cosine")
                for c in students)
@@ -208,7 +207,7 @@ def test_main_table_content(smoke):
     # the cost columns come from the stored measurements (live teacher), one per row's seed-0 config
     cost_dir = smoke.results / "analysis" / PRESET / "cost"
     for entry in study.experiment_configs(PRESET, "main"):
-        record = __import__("json").loads((cost_dir / f"{entry.config.run_id}.json").read_text())
+        record = json.loads((cost_dir / f"{entry.config.run_id}.json").read_text())
         row = table[table["method"] == study.METHOD_LABELS[entry.labels["method"]]].iloc[0]
         assert float(row["images/s, live teacher"]) == pytest.approx(record["images_per_s"], abs=0.5)
         assert record["images_per_s"] == pytest.approx(record["batch_size"] / record["seconds_per_step"])
