@@ -12,7 +12,14 @@ or on another one:
 - one campaign process at a time (a lock in the campaign folder); every line it prints is also appended to
   ``<results>/campaigns/<name>/campaign.log``, so it can run in the background (``nohup ... &``).
 
-CLI: ``python -m ckd_study campaign --preset paper --pair resnet56-resnet20 --minutes 150``
+A study campaign (``Campaign.open_study``) is the same time box over a preset's whole study plan (every run of
+its seven notebooks, ``launch.launch_plan``), e.g. the ``medium`` ablations; ``make reproduce`` then builds the
+tables and figures from the store. Its list is the current grid (written to ``plan.json`` as a record, not frozen:
+the notebooks read the current grids), and runs of another preset that it reuses (``medium`` distils from the
+``paper`` recipe's teacher) are never trained by it: it refuses to start until they are finished.
+
+CLI: ``python -m ckd_study campaign --preset paper --pair resnet56-resnet20 --minutes 150``,
+``python -m ckd_study campaign --preset medium --study --minutes 150``
 (``--status`` prints where it stands without training).
 """
 
@@ -48,6 +55,10 @@ def campaign_name(preset: str, pair: tuple[str, str], seed: int = 0) -> str:
     return f"{preset}-{pair[0]}-{pair[1]}-s{seed}"
 
 
+def study_campaign_name(preset: str) -> str:
+    return f"{preset}-study"
+
+
 def plan_campaign(preset: str, pair: tuple[str, str] | None = None, methods: Sequence[str] = CAMPAIGN_METHODS,
                   seed: int = 0, precision: str | None = None, device: str | None = None) -> list[RunConfig]:
     """The campaign's runs in training order: the teacher (the preset's teacher recipe, seed 0), then one
@@ -75,6 +86,11 @@ class Campaign:
     name: str
     folder: Path
     configs: list[RunConfig]
+    preset: str | None = None  # a study campaign's preset: its runs of other presets are reused, not trained
+
+    def reused_runs(self) -> list[RunConfig]:
+        """Runs of another preset that this (study) campaign distils from but never trains."""
+        return [c for c in self.configs if self.preset is not None and c.preset != self.preset]
 
     @classmethod
     def open(cls, store: RunStore, preset: str, pair: tuple[str, str] | None = None,
@@ -104,6 +120,24 @@ class Campaign:
                                  "configs": [c.to_dict() for c in wanted]})
         return cls(name, folder, wanted)
 
+    @classmethod
+    def open_study(cls, store: RunStore, preset: str) -> "Campaign":
+        """The campaign over ``preset``'s whole study plan (``launch_plan``: teachers first, each run once). The
+        plan is rewritten to ``plan.json`` whenever the grids change (the notebooks read the current grids)."""
+        from .launch import launch_plan
+
+        if preset not in PRESETS:
+            raise ConfigError(f"unknown preset {preset!r}; valid: {', '.join(PRESETS)}")
+        configs = launch_plan(preset)
+        name = study_campaign_name(preset)
+        folder = store.root / "campaigns" / name
+        path = folder / "plan.json"
+        run_ids = [c.run_id for c in configs]
+        if not path.exists() or read_json(path).get("run_ids") != run_ids:
+            atomic_write_json(path, {"name": name, "preset": preset, "kind": "study", "planned": utc_now(),
+                                     "run_ids": run_ids, "configs": [c.to_dict() for c in configs]})
+        return cls(name, folder, configs, preset=preset)
+
     def status_rows(self, store: RunStore) -> list[dict]:
         """One row per run: its position, run id, status, epochs done and test top-1 (last / final)."""
         rows = []
@@ -112,7 +146,9 @@ class Campaign:
             metrics = [] if summary else store.metrics(config.run_id)
             done = config.epochs if summary else (metrics[-1]["epoch"] if metrics else 0)
             per_epoch = next_epoch_seconds(metrics)
-            rows.append({"position": i, "run_id": config.run_id, "method": config.method if i else "teacher",
+            role = "teacher" if i == 0 or any(c.teacher is not None and c.teacher.run_id == config.run_id
+                                              for c in self.configs) else config.method
+            rows.append({"position": i, "run_id": config.run_id, "method": role,
                          "status": store.status(config.run_id), "epochs_done": done, "epochs": config.epochs,
                          "last_top1": summary["last_top1"] if summary else
                          (metrics[-1].get("test_top1") if metrics else None),
@@ -157,6 +193,7 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
         with open(log_path, "a") as fh:
             fh.write(line + "\n")
 
+    _require_reused_runs(campaign, store)
     with _campaign_lock(campaign, log_path):
         say(f"campaign {campaign.name}: {len(campaign.configs)} runs, time box {minutes:g} min, store {store.root}")
         paused = None
@@ -172,8 +209,9 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
                 f"test top-1 {'-' if top1 is None else f'{top1:.2f}%'}, {seconds:.0f} s/epoch, "
                 f"run ETA {_hours(eta)}, time box left {_hours(stop_at - time.time())}")
 
+        reused = {c.run_id for c in campaign.reused_runs()}
         for i, config in enumerate(campaign.configs):
-            if store.summary(config.run_id) is not None:
+            if store.summary(config.run_id) is not None or config.run_id in reused:
                 continue
             # A new run has no epoch time yet: the previous run's last epoch is the estimate.
             if epoch_seconds and time.time() + 1.1 * epoch_seconds[-1] + 5.0 > stop_at:
@@ -211,6 +249,21 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
         for line in format_status(rows).splitlines():
             say(line)
         return {"finished": finished, "paused": paused, "rows": rows}
+
+
+def _require_reused_runs(campaign: Campaign, store: RunStore) -> None:
+    """A study campaign reuses runs of another preset (medium: the paper recipe's teacher) and never trains them:
+    before it starts, every one of them must be finished, else the error names the command that trains it."""
+    for config in campaign.reused_runs():
+        if store.summary(config.run_id) is not None:
+            continue
+        student = next((c.student for c in campaign.configs
+                        if c.teacher is not None and c.teacher.run_id == config.run_id), None)
+        how = (f": `python -m ckd_study campaign --preset {config.preset} --pair {config.student}-{student}`"
+               if student else "")
+        raise CampaignError(
+            f"campaign {campaign.name} reuses run {config.run_id} of preset {config.preset!r} "
+            f"({store.status(config.run_id)}), which it does not train; finish that run first{how}")
 
 
 @contextmanager

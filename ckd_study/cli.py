@@ -355,7 +355,7 @@ STUDY_COMMANDS = {
     "figures": "rebuild a preset's tables and figures from the store, without training",
     "plan": "list the runs of every notebook and their status",
     "strip": "remove outputs and execution counts from notebooks",
-    "campaign": "train a teacher and its students one after another in a time box",
+    "campaign": "train a teacher and its students, or (--study) a preset's whole plan, in a time box",
     "launch": "train a preset's plan with local workers or as SLURM jobs",
 }
 

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from ckd_study.campaign import Campaign, CampaignError, _campaign_lock, parse_pair, plan_campaign, run_campaign
-from ckd_study.config import ConfigError
+from ckd_study.config import ConfigError, RunConfig
 from ckd_study.runs import RunStore, next_epoch_seconds, run, time_for_another_epoch
 from ckd_study.study import main as study_main
 
@@ -182,3 +182,70 @@ def test_campaign_report_puts_measured_beside_published(tmp_path, monkeypatch):
     threads = {json.loads(line)["torch_threads"] for cfg in campaign.configs
                for line in (store.run_dir(cfg.run_id) / "attempts.jsonl").read_text().splitlines()}
     assert len(threads) == 1 and f"(cpu, {threads.pop()} thread" in md
+
+
+def _reusing_preset(monkeypatch) -> str:
+    """A smoke-sized preset whose students distil from the smoke preset's teacher run (as medium reuses the paper
+    recipe's), with a small study grid: a teacher of another preset, the student alone and three students."""
+    import dataclasses
+
+    from ckd_study.config import PRESETS
+    from ckd_study.study.grids import STUDY
+
+    monkeypatch.setitem(PRESETS, "smoke_reuse", {**PRESETS["smoke"], "teacher_preset": "smoke"})
+    monkeypatch.setitem(STUDY, "smoke_reuse", dataclasses.replace(
+        STUDY["smoke"], main_methods=("ce", "kd"), batch_sizes=(16,), batch_size_methods=("kd",),
+        temperatures=(1.0,), dcd_fixed_temperatures=(), mcld_grid=(), ckd_terms=(), ckd_extra_variants=(),
+        ckd_anchor_negatives=(), temperature_control=False, analysis_methods=("ce", "kd"), recipe_rows=()))
+    return "smoke_reuse"
+
+
+def test_a_study_campaign_trains_the_whole_plan_reuses_the_other_presets_teacher_and_resumes(tmp_path, monkeypatch):
+    from ckd_study.launch import launch_plan
+
+    preset = _reusing_preset(monkeypatch)
+    store = RunStore(tmp_path / "study")
+    campaign = Campaign.open_study(store, preset)
+    plan = launch_plan(preset)
+    assert [c.run_id for c in campaign.configs] == [c.run_id for c in plan]
+    teacher = campaign.configs[0]
+    assert teacher.preset == "smoke" and [c.run_id for c in campaign.reused_runs()] == [teacher.run_id]
+    assert [c.method for c in campaign.configs[1:]] == ["ce", "kd", "ckd", "dcd"]
+    assert json.loads((campaign.folder / "plan.json").read_text())["run_ids"] == [c.run_id for c in plan]
+
+    # The teacher belongs to the smoke recipe's own campaign: the study campaign refuses to start without it ...
+    with pytest.raises(CampaignError, match="campaign --preset smoke --pair resnet14-resnet8"):
+        run_campaign(campaign, store, minutes=30, out=lambda line: None)
+    assert store.status(teacher.run_id) == "new"
+    run(teacher, store=store, quiet=True)
+    teacher_attempts = len(store.attempts(teacher.run_id))
+
+    # ... and with it, trains the rest in its time box (each run pauses after one epoch in this one) and resumes.
+    lines: list[str] = []
+    first = run_campaign(campaign, store, minutes=0.01, out=lines.append)
+    assert first["paused"] == campaign.configs[1].run_id and not first["finished"]
+    assert [r["status"] for r in first["rows"]] == ["finished", "interrupted", "new", "new", "new"]
+    assert first["rows"][0]["method"] == "teacher"
+    second = run_campaign(Campaign.open_study(store, preset), store, minutes=30, out=lines.append)
+    assert second["finished"] and [r["status"] for r in second["rows"]] == ["finished"] * 5
+    assert len(store.attempts(teacher.run_id)) == teacher_attempts, "the reused teacher was never retrained"
+    assert not any(f"run 1/5: {teacher.run_id}" in line for line in lines)
+    # The same students as the plan trained on their own: the campaign adds no setting of its own.
+    for config in campaign.configs[1:]:
+        stored = json.loads((store.run_dir(config.run_id) / "config.json").read_text())
+        assert RunConfig.from_dict(stored["config"]) == config
+
+
+def test_study_campaign_cli_rejects_the_pair_flags_and_prints_its_status(tmp_path, capsys, monkeypatch):
+    results = str(tmp_path / "results")
+    assert study_main(["campaign", "--preset", "smoke", "--study", "--methods", "kd", "--results-dir", results]) == 1
+    err = capsys.readouterr().err
+    assert "drop --methods" in err and "reproduce --preset smoke" in err
+    assert study_main(["campaign", "--preset", "smoke", "--study", "--results-dir", results, "--status"]) == 0
+    out = capsys.readouterr().out
+    from ckd_study.launch import launch_plan
+
+    assert "campaign smoke-study" in out and out.count(" new ") == len(launch_plan("smoke"))
+    # medium reuses the CPU reproduction's teacher: in an empty store its campaign names the command to run first
+    assert study_main(["campaign", "--preset", "medium", "--study", "--results-dir", results, "--minutes", "1"]) == 1
+    assert "--preset paper --pair resnet56-resnet20" in capsys.readouterr().err

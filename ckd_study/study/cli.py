@@ -23,8 +23,19 @@ def _campaign_command(args: argparse.Namespace) -> int:
     store = _store(args.results_dir)
     methods = tuple(args.methods.split(",")) if args.methods else CAMPAIGN_METHODS
     try:
-        pair = parse_pair(args.pair) if args.pair else None
-        campaign = Campaign.open(store, args.preset, pair, methods, args.seed, args.precision, args.device)
+        if args.study:
+            # the study's runs are its grids (data): the flags that pick one pair's runs do not apply
+            clash = [flag for flag, value in (("--pair", args.pair), ("--methods", args.methods),
+                                              ("--seed", args.seed != 0 or None), ("--precision", args.precision),
+                                              ("--report", args.report or None)) if value]
+            if clash:
+                raise CampaignError(f"--study trains every run of the preset's notebooks as its grids define them; "
+                                    f"drop {', '.join(clash)} (the tables and figures: `python -m ckd_study "
+                                    f"reproduce --preset {args.preset}` once it has finished)")
+            campaign = Campaign.open_study(store, args.preset)
+        else:
+            pair = parse_pair(args.pair) if args.pair else None
+            campaign = Campaign.open(store, args.preset, pair, methods, args.seed, args.precision, args.device)
         if args.status:
             print(f"campaign {campaign.name} ({campaign.folder})")
             print(format_status(campaign.status_rows(store)))
@@ -124,8 +135,9 @@ def _main(argv: Sequence[str]) -> int:
     pl.add_argument("--results-dir", default=None)
     st = sub.add_parser("strip", help="remove outputs and execution counts from notebooks")
     st.add_argument("notebooks", nargs="+", type=Path)
-    cam = sub.add_parser("campaign", help="train a teacher and its students one after another in a time box; "
-                                          "rerun to continue (see ckd_study/campaign.py)")
+    cam = sub.add_parser("campaign", help="train a teacher and its students (or, --study, a preset's whole study "
+                                          "plan) one after another in a time box; rerun to continue (see "
+                                          "ckd_study/campaign.py)")
     cam.add_argument("--preset", choices=available_presets(), required=True)
     cam.add_argument("--pair", default=None, metavar="TEACHER-STUDENT",
                      help="e.g. resnet56-resnet20 (default: the preset's pair)")
@@ -138,6 +150,9 @@ def _main(argv: Sequence[str]) -> int:
     cam.add_argument("--device", default=None)
     cam.add_argument("--data-dir", default=None)
     cam.add_argument("--results-dir", default=None)
+    cam.add_argument("--study", action="store_true",
+                     help="train every run of the preset's seven notebooks (its study plan, teachers first) "
+                          "instead of one pair's teacher and students; then `reproduce` builds the tables")
     cam.add_argument("--status", action="store_true", help="print where the campaign stands and exit")
     cam.add_argument("--report", action="store_true",
                      help="write the campaign's tables (measured beside published, hours) and learning curves to "
