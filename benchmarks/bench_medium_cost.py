@@ -2,11 +2,13 @@
 `medium` student, CE, no teacher: with the exact teacher cache a distillation step costs about the same) and
 project the preset's whole plan (`launch_plan("medium")`) from it.
 
-    python benchmarks/bench_medium_cost.py      # -> benchmarks/results/medium_cost_<device>.json
+    python benchmarks/bench_medium_cost.py                 # -> benchmarks/results/medium_cost_<device>.json
+    python benchmarks/bench_medium_cost.py --tag xeon_2026-12-04   # -> ..._<device>_<tag>.json (another machine)
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,16 +23,21 @@ from ckd_study.runs import RunStore  # noqa: E402
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tag", default="", help="suffix of the record's file name (keeps other machines' records)")
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
     config = make_config("medium", method="ce", seed=0)
-    record = measure_training_cost(config, RunStore(ROOT / "results"), steps=30, warmup=3)
+    record = measure_training_cost(config, RunStore(ROOT / "results"), steps=args.steps, warmup=3)
     plan = launch_plan("medium")
-    student_epochs = sum(c.epochs for c in plan if c.teacher is not None)
-    record.update(plan_runs=len(plan), plan_student_runs=sum(1 for c in plan if c.teacher is not None),
+    students = [c for c in plan if c.preset == "medium"]  # all but the reused paper-recipe teacher (CE included)
+    student_epochs = sum(c.epochs for c in students)
+    record.update(plan_runs=len(plan), plan_student_runs=len(students),
                   plan_student_epochs=student_epochs,
                   projected_training_hours=student_epochs * record["seconds_per_epoch"] / 3600,
                   note="training steps only (evaluation and the one-off teacher-cache fill come on top); the "
                        "teacher is the paper recipe's resnet56, trained by the CPU reproduction, not counted")
-    out = ROOT / "benchmarks" / "results" / f"medium_cost_{record['device']}.json"
+    out = ROOT / "benchmarks" / "results" / f"medium_cost_{record['device']}{'_' + args.tag if args.tag else ''}.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
 
