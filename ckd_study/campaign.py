@@ -140,14 +140,15 @@ class Campaign:
 
     def status_rows(self, store: RunStore) -> list[dict]:
         """One row per run: its position, run id, status, epochs done and test top-1 (last / final)."""
-        rows = []
+        from .launch import _teacher_ids
+
+        rows, teacher_ids = [], _teacher_ids(self.configs)
         for i, config in enumerate(self.configs):
             summary = store.summary(config.run_id)
             metrics = [] if summary else store.metrics(config.run_id)
             done = config.epochs if summary else (metrics[-1]["epoch"] if metrics else 0)
             per_epoch = next_epoch_seconds(metrics)
-            role = "teacher" if i == 0 or any(c.teacher is not None and c.teacher.run_id == config.run_id
-                                              for c in self.configs) else config.method
+            role = "teacher" if i == 0 or config.run_id in teacher_ids else config.method
             rows.append({"position": i, "run_id": config.run_id, "method": role,
                          "status": store.status(config.run_id), "epochs_done": done, "epochs": config.epochs,
                          "last_top1": summary["last_top1"] if summary else
@@ -209,9 +210,8 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
                 f"test top-1 {'-' if top1 is None else f'{top1:.2f}%'}, {seconds:.0f} s/epoch, "
                 f"run ETA {_hours(eta)}, time box left {_hours(stop_at - time.time())}")
 
-        reused = {c.run_id for c in campaign.reused_runs()}
         for i, config in enumerate(campaign.configs):
-            if store.summary(config.run_id) is not None or config.run_id in reused:
+            if store.summary(config.run_id) is not None:  # reused runs too: _require_reused_runs saw them finished
                 continue
             # A new run has no epoch time yet: the previous run's last epoch is the estimate.
             if epoch_seconds and time.time() + 1.1 * epoch_seconds[-1] + 5.0 > stop_at:
