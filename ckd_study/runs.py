@@ -34,7 +34,7 @@ import torch
 
 from .config import RunConfig, cpu_has_native_bf16
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
-from .data import NUM_VIEWS, ImageDataset, load_dataset
+from .data import NUM_VIEWS, ImageDataset, default_data_root, load_dataset
 from .methods import create_method, method_class
 from .models import ZooModel, create_model
 
@@ -476,10 +476,16 @@ _DATA_CACHE: dict[tuple, ImageDataset] = {}
 
 
 def dataset_for(config: RunConfig, device: torch.device, data_root: str | Path | None = None) -> ImageDataset:
-    """The (subset of the) dataset a config trains on, on ``device``; loaded once per process."""
-    key = (config.dataset, config.train_per_class, config.test_per_class, str(device), str(data_root))
+    """The (subset of the) dataset a config trains on, on ``device``; loaded once per process and data folder.
+
+    The key holds the folder the data comes from, resolved now (``$CKD_DATA_DIR`` when ``data_root`` is None):
+    a process whose data folder changes (a notebook kernel, the tests) must load from the new one, or fail when
+    it is missing, rather than train on what an earlier folder held.
+    """
+    root = (default_data_root() if data_root is None else Path(data_root).expanduser()).resolve()
+    key = (config.dataset, config.train_per_class, config.test_per_class, str(device), str(root))
     if key not in _DATA_CACHE:
-        data = load_dataset(config.dataset, root=data_root)
+        data = load_dataset(config.dataset, root=root)
         if config.train_per_class is not None or config.test_per_class is not None:
             data = data.subset(config.train_per_class, config.test_per_class, seed=0)
         _DATA_CACHE[key] = data.to(device)

@@ -610,3 +610,29 @@ def test_iterator_validates(fake_xy):
     with pytest.raises(ValueError):
         BatchIterator(x, y[:-1], 8, shuffle=True, drop_last=False, augment=False, mean=CIFAR100_MEAN,
                       std=CIFAR100_STD)
+
+
+def test_dataset_for_follows_the_data_folder_of_the_moment(tmp_path, monkeypatch):
+    """The per-process dataset cache is keyed on the data folder: once a run loaded CIFAR-100 from one folder,
+    pointing $CKD_DATA_DIR elsewhere loads from there, or fails when nothing is there (it once kept training on
+    the first folder's data, which hid a missing dataset from a later command in the same process)."""
+    from ckd_study.config import make_config
+    from ckd_study.runs import dataset_for
+
+    first, second = tmp_path / "first", tmp_path / "second"
+    ref_first = _fake_cifar100(first / "cifar100")
+    config = make_config("quick", method="ce", train_per_class=None, test_per_class=None)
+    assert config.dataset == "cifar100"
+    monkeypatch.setenv("CKD_DATA_DIR", str(first))
+    loaded = dataset_for(config, torch.device("cpu"))
+    np.testing.assert_array_equal(loaded.y_train.numpy(), ref_first["y_train"])
+
+    monkeypatch.setenv("CKD_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(DatasetError, match="CIFAR-100 not found"):
+        dataset_for(config, torch.device("cpu"))
+
+    _fake_cifar100(second / "cifar100", n_shards=3)
+    monkeypatch.setenv("CKD_DATA_DIR", str(second))
+    assert len(dataset_for(config, torch.device("cpu")).y_train) == 300
+    assert dataset_for(config, torch.device("cpu"), data_root=first).y_train.numpy().tolist() == \
+        ref_first["y_train"].tolist()
