@@ -58,6 +58,7 @@ __all__ = [
     "ImageDataset",
     "available_datasets",
     "default_data_root",
+    "resolve_data_root",
     "load_dataset",
     "NUM_VIEWS",
     "PAD",
@@ -265,6 +266,11 @@ def default_data_root() -> Path:
     return repo / "data"
 
 
+def resolve_data_root(root: str | Path | None) -> Path:
+    """The folder data is read from: ``root`` (``~`` expanded) when given, else :func:`default_data_root`."""
+    return default_data_root() if root is None else Path(root).expanduser()
+
+
 def load_dataset(name: str, root: str | Path | None = None, download: bool = False) -> ImageDataset:
     """Load a dataset by name (see :func:`available_datasets`); images uint8 (N,3,32,32), labels int64."""
     key = str(name).strip().lower()
@@ -274,8 +280,7 @@ def load_dataset(name: str, root: str | Path | None = None, download: bool = Fal
         )
     if key == "digits":
         return _load_digits()
-    root = default_data_root() if root is None else Path(root).expanduser()
-    return _load_cifar(_CIFAR[key], root, download)
+    return _load_cifar(_CIFAR[key], resolve_data_root(root), download)
 
 
 def _how_to_get(spec: _CifarSpec, root: Path) -> str:

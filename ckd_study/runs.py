@@ -34,7 +34,7 @@ import torch
 
 from .config import RunConfig, cpu_has_native_bf16
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
-from .data import NUM_VIEWS, ImageDataset, default_data_root, load_dataset
+from .data import NUM_VIEWS, ImageDataset, load_dataset, resolve_data_root
 from .methods import create_method, method_class
 from .models import ZooModel, create_model
 
@@ -482,7 +482,7 @@ def dataset_for(config: RunConfig, device: torch.device, data_root: str | Path |
     a process whose data folder changes (a notebook kernel, the tests) must load from the new one, or fail when
     it is missing, rather than train on what an earlier folder held.
     """
-    root = (default_data_root() if data_root is None else Path(data_root).expanduser()).resolve()
+    root = resolve_data_root(data_root).resolve()
     key = (config.dataset, config.train_per_class, config.test_per_class, str(device), str(root))
     if key not in _DATA_CACHE:
         data = load_dataset(config.dataset, root=root)

@@ -25,6 +25,7 @@ from ckd_study.data import (
     encode_views,
     load_dataset,
     normalize,
+    resolve_data_root,
     sample_views,
 )
 
@@ -288,6 +289,14 @@ def test_default_data_root(monkeypatch, tmp_path):
     assert default_data_root() == tmp_path
     monkeypatch.delenv("CKD_DATA_DIR")
     assert default_data_root() == REPO / "data"
+
+
+def test_resolve_data_root_prefers_the_given_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv("CKD_DATA_DIR", str(tmp_path / "from_env"))
+    assert resolve_data_root(None) == tmp_path / "from_env"
+    assert resolve_data_root(tmp_path / "given") == tmp_path / "given"
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert resolve_data_root("~/cifar") == tmp_path / "cifar"
 
 
 # --------------------------------------------------------------------------------------------------
