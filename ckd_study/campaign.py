@@ -16,7 +16,9 @@ A study campaign (``Campaign.open_study``) is the same time box over a preset's 
 its seven notebooks, ``launch.launch_plan``), e.g. the ``medium`` ablations; ``make reproduce`` then builds the
 tables and figures from the store. Its list is the current grid (written to ``plan.json`` as a record, not frozen:
 the notebooks read the current grids), and runs of another preset that it reuses (``medium`` distils from the
-``paper`` recipe's teacher) are never trained by it: it refuses to start until they are finished.
+``paper`` recipe's teacher) are never trained by it: it refuses to start until they are finished. After each run it
+finishes it derives the t-SNE and correlation files of every finished analysed run (``study.derive_analysis``)
+while the checkpoints are on this machine: they are not committed, the derived files are.
 
 CLI: ``python -m ckd_study campaign --preset paper --pair resnet56-resnet20 --minutes 150``,
 ``python -m ckd_study campaign --preset medium --study --minutes 150``
@@ -243,12 +245,30 @@ def run_campaign(campaign: Campaign, store: RunStore, *, minutes: float, device:
                 f"(epoch {summary['best_epoch']}), {summary['wall_time_s'] / 3600:.2f} h")
             if config.teacher is None and i == 0:
                 say(f"teacher weights: git add -f {store.run_dir(config.run_id) / 'checkpoints' / 'final.pt'}")
+            if campaign.preset is not None:
+                _derive_study_analysis(campaign.preset, store, device, data_root, say)
         rows = campaign.status_rows(store)
         finished = all(r["status"] == "finished" for r in rows)
         say("campaign finished" if finished else "campaign stopped; status:")
         for line in format_status(rows).splitlines():
             say(line)
         return {"finished": finished, "paused": paused, "rows": rows}
+
+
+def _derive_study_analysis(preset: str, store: RunStore, device: str | None, data_root: str | Path | None,
+                           say: Callable[[str], None]) -> None:
+    """After a study campaign's run: the t-SNE and correlation files of every finished analysed run, computed
+    while its checkpoint is on this machine (checkpoints are not committed; these small files are). A failure
+    is logged and training goes on: `make reproduce` derives them later if the checkpoint is still there."""
+    from .study import derive_analysis
+
+    try:
+        written = derive_analysis(preset, store=store, device=device, data_root=data_root, verbose=False)
+    except Exception as exc:  # noqa: BLE001 - the analysis must never stop the training campaign
+        say(f"could not derive the t-SNE/correlation files: {type(exc).__name__}: {exc}")
+        return
+    if written:
+        say(f"derived {len(written)} t-SNE/correlation files under {written[0].parent.parent}: commit them")
 
 
 def _require_reused_runs(campaign: Campaign, store: RunStore) -> None:

@@ -235,6 +235,20 @@ def test_a_study_campaign_trains_the_whole_plan_reuses_the_other_presets_teacher
         stored = json.loads((store.run_dir(config.run_id) / "config.json").read_text())
         assert RunConfig.from_dict(stored["config"]) == config
 
+    # After each finished run it derived the t-SNE and correlation files (checkpoints are not committed): with
+    # every checkpoint gone, notebooks 06 and 07 still build from those files alone.
+    from ckd_study import study
+
+    assert any("t-SNE/correlation files" in line for line in lines)
+    for checkpoint in store.root.glob("runs/*/checkpoints/*.pt"):
+        checkpoint.unlink()
+    analysed = {c.run_id for c in campaign.configs if c.method in ("ce", "kd") or c is teacher}
+    tsne = study.build_tsne(preset, train=False, store=store, figures_dir=tmp_path / "figures", verbose=False)
+    assert set(tsne.table["run id"]) == analysed
+    correlation = study.build_correlation(preset, train=False, store=store, figures_dir=tmp_path / "figures",
+                                          verbose=False)
+    assert set(correlation.table["run id"]) == analysed - {teacher.run_id}
+
 
 def test_study_campaign_cli_rejects_the_pair_flags_and_prints_its_status(tmp_path, capsys, monkeypatch):
     results = str(tmp_path / "results")

@@ -34,7 +34,7 @@ Layout: ``grids`` (the experiments as data), ``collect`` (reading and producing 
 
 from __future__ import annotations
 
-from .builders import (BUILDERS, DATASET_CLASSES, build_batch_size_ablation, build_correlation,
+from .builders import (BUILDERS, DATASET_CLASSES, build_batch_size_ablation, build_correlation, derive_analysis,
                        build_intra_inter_ablation, build_main_table, build_teachers, build_temperature_ablation,
                        build_tsne, plan, rebuild_figures)
 from .cli import main

@@ -16,7 +16,7 @@ from .collect import (ExperimentRuns, StudyResult, _collect, _options_changed, _
 from .grids import (ANCHOR_NEGATIVES, BEST, CKD_DEFAULT_CELL, CKD_INTRA_INTER, CKD_TERM_VARIANTS, MCLD_COMPONENTS,
                     MCLD_DEFAULTS, METHOD_LABELS, NOTEBOOKS, TOP1, MissingRunsError,
                     StudyError, StudySpec, _config, anchor_negatives_label,
-                    _unique_configs, experiment_configs, pair_label, recipe_lr)
+                    _unique_configs, experiment_configs, pair_label, recipe_lr, study_spec)
 
 # ---------------------------------------------------------------------------------------------------------
 # 01 teachers
@@ -373,11 +373,12 @@ def _derived_file_stem(config: RunConfig, summary: Mapping[str, Any]) -> str:
 class StoredModelOutputs:
     """Test-set outputs of stored models, computed at most once per builder call."""
 
-    def __init__(self, store: RunStore, device: Any) -> None:
+    def __init__(self, store: RunStore, device: Any, data_root: str | Path | None = None) -> None:
         from ..train import default_device
 
         self.store = store
         self.device = device if device is not None else default_device()
+        self.data_root = data_root
         self.cache: dict[str, dict] = {}
 
     def data(self, config: RunConfig):
@@ -385,7 +386,7 @@ class StoredModelOutputs:
 
         from ..runs import dataset_for
 
-        return dataset_for(config, torch.device("cpu"))
+        return dataset_for(config, torch.device("cpu"), self.data_root)
 
     def __call__(self, config: RunConfig, indices=None) -> dict:
         key = config.run_id
@@ -416,13 +417,42 @@ def _missing_derived(preset: str, what: str, problems: Sequence[tuple[RunConfig,
         f"{preset}`), or restore the checkpoints or the analysis files.", [c.run_id for c, _, _ in problems])
 
 
+def _tsne_paths(store: RunStore, preset: str, spec: StudySpec, config: RunConfig, summary: Mapping[str, Any],
+                features: str) -> tuple[Path, Path]:
+    """The t-SNE coordinates (csv) and their metadata (json) of one analysed run."""
+    subset = f"{features}_c{spec.tsne_classes or 'all'}_n{spec.tsne_per_class or 'all'}_s{spec.analysis_seed}"
+    path = analysis_dir_for(store, preset) / "tsne" / f"{_derived_file_stem(config, summary)}_{subset}.csv"
+    return path, path.with_suffix(".json")
+
+
+def _derive_tsne(outputs: StoredModelOutputs, spec: StudySpec, config: RunConfig, summary: Mapping[str, Any],
+                 features: str, path: Path, meta_path: Path, verbose: bool) -> None:
+    """Compute one run's t-SNE coordinates on the seeded test subset from its checkpoint and store them."""
+    import numpy as np
+    import pandas as pd
+
+    data = outputs.data(config)
+    idx = analysis.tsne_subset(data.y_test.numpy(), data.num_classes, spec.tsne_classes,
+                               spec.tsne_per_class, spec.analysis_seed)
+    got = outputs(config, idx)
+    coords = analysis.tsne_embedding(got[features], seed=spec.analysis_seed)
+    frame = pd.DataFrame({"test_index": idx, "label": got["labels"], "x": coords[:, 0], "y": coords[:, 1]})
+    analysis.write_csv(frame.round(5), path)
+    atomic_write_json(meta_path, {"run_id": config.run_id, "final_sha256": summary["final_sha256"],
+                                  "features": features, "feature_dim": int(got[features].shape[1]),
+                                  "points": len(idx), "classes": int(len(np.unique(got["labels"]))),
+                                  "silhouette_cosine": analysis.silhouette(got[features], got["labels"]),
+                                  "seed": spec.analysis_seed})
+    if verbose:
+        print(f"[06_tsne] computed {path.name}", flush=True)
+
+
 def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | str | Path | None = None,
                figures_dir: str | Path | None = None, spec: StudySpec | None = None, verbose: bool = True,
                device: Any = None, features: str = "pooled") -> StudyResult:
     """Notebook 06: t-SNE of the students' pooled features (``features="logits"``: logits) on a fixed, seeded test
     subset, side by side for CE, KD and the contrastive methods (and the teacher), coloured by class; plus a
     table of the class separation (silhouette, cosine, in the full feature space)."""
-    import numpy as np
     import pandas as pd
 
     if features not in ("pooled", "logits"):
@@ -431,32 +461,16 @@ def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | s
                        spec=spec, train=train, verbose=verbose, device=device)
     spec, store, out = run_set.spec, run_set.store, run_set.out
     teacher, students = _analysed_runs(run_set, preset)
-    folder = analysis_dir_for(store, preset) / "tsne"
-    subset = f"{features}_c{spec.tsne_classes or 'all'}_n{spec.tsne_per_class or 'all'}_s{spec.analysis_seed}"
     outputs = StoredModelOutputs(store, device)
     panels, rows, problems = {}, [], []
     for name, config, summary in [teacher, *students]:
-        path = folder / f"{_derived_file_stem(config, summary)}_{subset}.csv"
-        meta_path = path.with_suffix(".json")
+        path, meta_path = _tsne_paths(store, preset, spec, config, summary, features)
         if not (path.exists() and meta_path.exists()):
             problem = _checkpoint_problem(store, config)
             if problem:
                 problems.append((config, problem, path))
                 continue
-            data = outputs.data(config)
-            idx = analysis.tsne_subset(data.y_test.numpy(), data.num_classes, spec.tsne_classes,
-                                       spec.tsne_per_class, spec.analysis_seed)
-            got = outputs(config, idx)
-            coords = analysis.tsne_embedding(got[features], seed=spec.analysis_seed)
-            frame = pd.DataFrame({"test_index": idx, "label": got["labels"], "x": coords[:, 0], "y": coords[:, 1]})
-            analysis.write_csv(frame.round(5), path)
-            atomic_write_json(meta_path, {"run_id": config.run_id, "final_sha256": summary["final_sha256"],
-                                          "features": features, "feature_dim": int(got[features].shape[1]),
-                                          "points": len(idx), "classes": int(len(np.unique(got["labels"]))),
-                                          "silhouette_cosine": analysis.silhouette(got[features], got["labels"]),
-                                          "seed": spec.analysis_seed})
-            if verbose:
-                print(f"[06_tsne] computed {path.name}", flush=True)
+            _derive_tsne(outputs, spec, config, summary, features, path, meta_path, verbose)
         frame = pd.read_csv(path)
         meta = read_json(meta_path)
         panels[f"{name}\n{analysis.format_number(summary['last_top1'])}% top-1"] = (
@@ -495,6 +509,43 @@ DATASET_CLASSES: dict[str, Callable[[RunConfig], list[str]] | None] = {"digits":
                                                                       "cifar10": _class_names}
 
 
+def _class_mean_paths(folder: Path, config: RunConfig, summary: Mapping[str, Any]) -> dict[str, Path]:
+    stem = _derived_file_stem(config, summary)
+    return {v: folder / f"classmean_{v}_{stem}.csv" for v in ("raw", "zscore")}
+
+
+def _derive_class_means(outputs: StoredModelOutputs, config: RunConfig, paths: Mapping[str, Path]) -> None:
+    """One run's class-mean logit matrices (raw and z-scored) on the test set, from its checkpoint."""
+    import pandas as pd
+
+    got = outputs(config)
+    num_classes = got["logits"].shape[1]
+    for v, logits in (("raw", got["logits"]), ("zscore", analysis.zscore_logits(got["logits"]))):
+        m = analysis.class_mean_logits(logits, got["labels"], num_classes)
+        analysis.write_csv(pd.DataFrame(m, columns=[str(i) for i in range(num_classes)]).round(6), paths[v])
+
+
+def _pair_metrics_path(folder: Path, config: RunConfig, summary: Mapping[str, Any], t_config: RunConfig,
+                       t_summary: Mapping[str, Any]) -> Path:
+    return folder / f"metrics_{_derived_file_stem(config, summary)}__{_derived_file_stem(t_config, t_summary)}.json"
+
+
+def _derive_pair_metrics(outputs: StoredModelOutputs, config: RunConfig, t_config: RunConfig, path: Path,
+                         verbose: bool) -> None:
+    """How close one student is to its teacher on the test set (agreement, KL, linear CKA), from both checkpoints."""
+    import numpy as np
+
+    s, t = outputs(config), outputs(t_config)
+    atomic_write_json(path, {
+        "student_run_id": config.run_id, "teacher_run_id": t_config.run_id, "test_images": len(s["labels"]),
+        "agreement": analysis.teacher_agreement(t["logits"], s["logits"]),
+        "kl_teacher_student": analysis.kl_teacher_student(t["logits"], s["logits"]),
+        "linear_cka_pooled": analysis.linear_cka(t["pooled"], s["pooled"]),
+        "student_top1_recomputed": float(100.0 * np.mean(s["logits"].argmax(1) == s["labels"]))})
+    if verbose:
+        print(f"[07_correlation] computed {path.name}", flush=True)
+
+
 def build_correlation(preset: str = "quick", *, train: bool = True, store: RunStore | str | Path | None = None,
                       figures_dir: str | Path | None = None, spec: StudySpec | None = None, verbose: bool = True,
                       device: Any = None, zscore: bool = True, vmax: float = analysis.HEATMAP_VMAX) -> StudyResult:
@@ -502,7 +553,6 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
     clipped at ``vmax`` = 3) on the test set, and the measurable quantities: mean/max difference, top-1 agreement
     with the teacher, KL(teacher ‖ student), linear CKA of the pooled features. ``zscore=True`` also draws the
     z-scored-logit variant."""
-    import numpy as np
     import pandas as pd
 
     run_set = _collect(preset, "correlation", "07_correlation", store=store, figures_dir=figures_dir,
@@ -515,40 +565,26 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
     problems = []
 
     def class_means(config, summary) -> dict[str, Path]:
-        stem = _derived_file_stem(config, summary)
-        paths = {v: folder / f"classmean_{v}_{stem}.csv" for v in ("raw", "zscore")}
+        paths = _class_mean_paths(folder, config, summary)
         if not all(p.exists() for p in paths.values()):
             problem = _checkpoint_problem(store, config)
             if problem:
                 problems.append((config, problem, paths["raw"]))
                 return paths
-            got = outputs(config)
-            num_classes = got["logits"].shape[1]
-            for v, logits in (("raw", got["logits"]), ("zscore", analysis.zscore_logits(got["logits"]))):
-                m = analysis.class_mean_logits(logits, got["labels"], num_classes)
-                analysis.write_csv(pd.DataFrame(m, columns=[str(i) for i in range(num_classes)]).round(6), paths[v])
+            _derive_class_means(outputs, config, paths)
         return paths
 
     teacher_means = class_means(t_config, t_summary)
     rows, matrices, matrices_z = [], {}, {}
     for name, config, summary in students:
         means = class_means(config, summary)
-        pair_stem = f"{_derived_file_stem(config, summary)}__{_derived_file_stem(t_config, t_summary)}"
-        metrics_path = folder / f"metrics_{pair_stem}.json"
+        metrics_path = _pair_metrics_path(folder, config, summary, t_config, t_summary)
         if not metrics_path.exists():
             problem = _checkpoint_problem(store, config) or _checkpoint_problem(store, t_config)
             if problem:
                 problems.append((config, problem, metrics_path))
                 continue
-            s, t = outputs(config), outputs(t_config)
-            atomic_write_json(metrics_path, {
-                "student_run_id": config.run_id, "teacher_run_id": t_config.run_id, "test_images": len(s["labels"]),
-                "agreement": analysis.teacher_agreement(t["logits"], s["logits"]),
-                "kl_teacher_student": analysis.kl_teacher_student(t["logits"], s["logits"]),
-                "linear_cka_pooled": analysis.linear_cka(t["pooled"], s["pooled"]),
-                "student_top1_recomputed": float(100.0 * np.mean(s["logits"].argmax(1) == s["labels"]))})
-            if verbose:
-                print(f"[07_correlation] computed {metrics_path.name}", flush=True)
+            _derive_pair_metrics(outputs, config, t_config, metrics_path, verbose)
         if problems:
             continue
         metrics = read_json(metrics_path)
@@ -591,6 +627,48 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
             matrices_z, out / "correlation_heatmaps_zscore", vmax=vmax, title=title.format(kind="z-scored logits"),
             colorbar_label="|mean z-scored logit difference|")
     return StudyResult("07_correlation", preset, table, caption, run_set.runs, tables, figures)
+
+
+def derive_analysis(preset: str, *, store: RunStore | str | Path | None = None, spec: StudySpec | None = None,
+                    run_ids: Sequence[str] | None = None, device: Any = None, data_root: str | Path | None = None,
+                    verbose: bool = True) -> list[Path]:
+    """Compute the derived files of notebooks 06 and 07 (t-SNE coordinates of the pooled features, class-mean
+    logits, student–teacher metrics) for every analysed run that has finished and still has its checkpoint
+    (only ``run_ids`` when given); runs not finished yet are skipped. Returns the files written.
+
+    Checkpoints are not committed and a machine may be replaced between sessions: a study campaign calls this
+    after each run it finishes, so that what t-SNE and the heatmaps need is in committable files long before the
+    last run of the study ends."""
+    spec = spec or study_spec(preset)
+    store = _store(store)
+    teacher = _config(preset, "kd", spec.pair, spec.analysis_seed).teacher
+    # the entries' teachers come first: the teacher's class means exist before any student's metrics
+    analysed = _unique_configs([*experiment_configs(preset, "tsne", spec),
+                                *experiment_configs(preset, "correlation", spec)])
+    outputs = StoredModelOutputs(store, device, data_root)
+    folder = analysis_dir_for(store, preset) / "correlation"
+    t_summary = store.summary(teacher.run_id)
+    written: list[Path] = []
+    for config in analysed:
+        summary = store.summary(config.run_id)
+        if summary is None or _checkpoint_problem(store, config) or (run_ids is not None and
+                                                                      config.run_id not in run_ids):
+            continue
+        path, meta_path = _tsne_paths(store, preset, spec, config, summary, "pooled")
+        if not (path.exists() and meta_path.exists()):
+            _derive_tsne(outputs, spec, config, summary, "pooled", path, meta_path, verbose)
+            written += [path, meta_path]
+        means = _class_mean_paths(folder, config, summary)
+        if not all(p.exists() for p in means.values()):
+            _derive_class_means(outputs, config, means)
+            written += list(means.values())
+        if config.run_id == teacher.run_id or t_summary is None or _checkpoint_problem(store, teacher):
+            continue
+        metrics_path = _pair_metrics_path(folder, config, summary, teacher, t_summary)
+        if not metrics_path.exists():
+            _derive_pair_metrics(outputs, config, teacher, metrics_path, verbose)
+            written.append(metrics_path)
+    return written
 
 
 # ---------------------------------------------------------------------------------------------------------
