@@ -356,9 +356,14 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
 # ---------------------------------------------------------------------------------------------------------
 # 06 t-SNE and 07 correlation: derived files from checkpoints, figures from the derived files
 # ---------------------------------------------------------------------------------------------------------
+def _analysis_teacher(preset: str, spec: StudySpec) -> RunConfig:
+    """The teacher whose outputs notebooks 06 and 07 analyse beside the students: the pair's, at the analysis seed."""
+    return _config(preset, "kd", spec.pair, spec.analysis_seed).teacher
+
+
 def _analysed_runs(run_set: ExperimentRuns, preset: str):
     """The analysed teacher and students as ``(panel name, config, summary)``: ``(teacher, [students])``."""
-    teacher = _config(preset, "kd", run_set.spec.pair, run_set.spec.analysis_seed).teacher
+    teacher = _analysis_teacher(preset, run_set.spec)
     students = [(METHOD_LABELS.get(e.labels["method"], e.labels["method"]), e.config,
                  run_set.summaries[e.config.run_id]) for e in run_set.entries]
     return (f"Teacher ({teacher.student})", teacher, run_set.summaries[teacher.run_id]), students
@@ -630,19 +635,17 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
 
 
 def derive_analysis(preset: str, *, store: RunStore | str | Path | None = None, spec: StudySpec | None = None,
-                    run_ids: Sequence[str] | None = None, device: Any = None, data_root: str | Path | None = None,
-                    verbose: bool = True) -> list[Path]:
+                    device: Any = None, data_root: str | Path | None = None, verbose: bool = True) -> list[Path]:
     """Compute the derived files of notebooks 06 and 07 (t-SNE coordinates of the pooled features, class-mean
-    logits, student–teacher metrics) for every analysed run that has finished and still has its checkpoint
-    (only ``run_ids`` when given); runs not finished yet are skipped. Returns the files written.
+    logits, student–teacher metrics) for every analysed run that has finished and still has its checkpoint; runs
+    not finished yet are skipped. Returns the files written.
 
     Checkpoints are not committed and a machine may be replaced between sessions: a study campaign calls this
     after each run it finishes, so that what t-SNE and the heatmaps need is in committable files long before the
     last run of the study ends."""
     spec = spec or study_spec(preset)
     store = _store(store)
-    teacher = _config(preset, "kd", spec.pair, spec.analysis_seed).teacher
-    # the entries' teachers come first: the teacher's class means exist before any student's metrics
+    teacher = _analysis_teacher(preset, spec)
     analysed = _unique_configs([*experiment_configs(preset, "tsne", spec),
                                 *experiment_configs(preset, "correlation", spec)])
     outputs = StoredModelOutputs(store, device, data_root)
@@ -651,8 +654,7 @@ def derive_analysis(preset: str, *, store: RunStore | str | Path | None = None, 
     written: list[Path] = []
     for config in analysed:
         summary = store.summary(config.run_id)
-        if summary is None or _checkpoint_problem(store, config) or (run_ids is not None and
-                                                                      config.run_id not in run_ids):
+        if summary is None or _checkpoint_problem(store, config):
             continue
         path, meta_path = _tsne_paths(store, preset, spec, config, summary, "pooled")
         if not (path.exists() and meta_path.exists()):
