@@ -11,7 +11,7 @@ import pytest
 from ckd_study.campaign import Campaign, CampaignError, _campaign_lock, parse_pair, plan_campaign, run_campaign
 from ckd_study.config import ConfigError, RunConfig
 from ckd_study.runs import RunStore, next_epoch_seconds, run, time_for_another_epoch
-from ckd_study.study import main as study_main
+from ckd_study.study import MissingRunsError, main as study_main
 
 METHODS = ("kd", "ce")
 
@@ -240,6 +240,15 @@ def test_a_study_campaign_trains_the_whole_plan_reuses_the_other_presets_teacher
     from ckd_study import study
 
     assert any("t-SNE/correlation files" in line for line in lines)
+    # A lost derived file is recomputed from the checkpoints, and only that one; present files are left alone.
+    folder = store.root / "analysis" / preset
+    kd = next(c for c in campaign.configs if c.method == "kd")
+    kd_metrics = next(folder.glob(f"correlation/metrics_{kd.run_id}_*.json"))
+    kept = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p != kd_metrics}
+    kd_metrics.unlink()
+    assert study.derive_analysis(preset, store=store, verbose=False) == [kd_metrics] and kd_metrics.exists()
+    assert study.derive_analysis(preset, store=store, verbose=False) == []
+    assert {p: p.stat().st_mtime_ns for p in kept} == kept
     for checkpoint in store.root.glob("runs/*/checkpoints/*.pt"):
         checkpoint.unlink()
     analysed = {c.run_id for c in campaign.configs if c.method in ("ce", "kd") or c is teacher}
@@ -248,6 +257,14 @@ def test_a_study_campaign_trains_the_whole_plan_reuses_the_other_presets_teacher
     correlation = study.build_correlation(preset, train=False, store=store, figures_dir=tmp_path / "figures",
                                           verbose=False)
     assert set(correlation.table["run id"]) == analysed - {teacher.run_id}
+    # ... and a derived file lost with its checkpoint is an error naming the run and the way out, not a gap.
+    next(folder.glob(f"tsne/{kd.run_id}_*.csv")).unlink()
+    kd_metrics.unlink()
+    for build in (study.build_tsne, study.build_correlation):
+        with pytest.raises(MissingRunsError, match=r"(?s)cannot be computed.*checkpoint .* is missing") as err:
+            build(preset, train=False, store=store, figures_dir=tmp_path / "figures", verbose=False)
+        assert err.value.run_ids == [kd.run_id]
+    assert study.derive_analysis(preset, store=store, verbose=False) == []
 
 
 def test_study_campaign_cli_rejects_the_pair_flags_and_prints_its_status(tmp_path, capsys, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .. import analysis
 from ..published import PUBLISHED
@@ -414,6 +414,20 @@ def _checkpoint_problem(store: RunStore, config: RunConfig) -> str | None:
     return None if path.exists() else f"its checkpoint {path} is missing (checkpoints are not committed)"
 
 
+def _ensure_derived(store: RunStore, paths: Iterable[Path], sources: Sequence[RunConfig],
+                    derive: Callable[[], None]) -> tuple[bool, str | None]:
+    """Make sure the derived files ``paths`` exist: when one is missing, compute them with ``derive`` from the
+    checkpoints of ``sources``. Returns ``(written, problem)``: whether ``derive`` ran, and why the files are absent
+    and cannot be computed (a missing checkpoint), else None."""
+    if all(p.exists() for p in paths):
+        return False, None
+    problem = next((p for p in (_checkpoint_problem(store, c) for c in sources) if p), None)
+    if problem:
+        return False, problem
+    derive()
+    return True, None
+
+
 def _missing_derived(preset: str, what: str, problems: Sequence[tuple[RunConfig, str, Path]]) -> MissingRunsError:
     lines = [f"  - {c.run_id} ({describe_run(c)}): {p}; no derived file {f}" for c, p, f in problems]
     return MissingRunsError(
@@ -470,12 +484,11 @@ def build_tsne(preset: str = "quick", *, train: bool = True, store: RunStore | s
     panels, rows, problems = {}, [], []
     for name, config, summary in [teacher, *students]:
         path, meta_path = _tsne_paths(store, preset, spec, config, summary, features)
-        if not (path.exists() and meta_path.exists()):
-            problem = _checkpoint_problem(store, config)
-            if problem:
-                problems.append((config, problem, path))
-                continue
-            _derive_tsne(outputs, spec, config, summary, features, path, meta_path, verbose)
+        _, problem = _ensure_derived(store, (path, meta_path), [config], lambda: _derive_tsne(
+            outputs, spec, config, summary, features, path, meta_path, verbose))
+        if problem:
+            problems.append((config, problem, path))
+            continue
         frame = pd.read_csv(path)
         meta = read_json(meta_path)
         panels[f"{name}\n{analysis.format_number(summary['last_top1'])}% top-1"] = (
@@ -571,12 +584,10 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
 
     def class_means(config, summary) -> dict[str, Path]:
         paths = _class_mean_paths(folder, config, summary)
-        if not all(p.exists() for p in paths.values()):
-            problem = _checkpoint_problem(store, config)
-            if problem:
-                problems.append((config, problem, paths["raw"]))
-                return paths
-            _derive_class_means(outputs, config, paths)
+        _, problem = _ensure_derived(store, paths.values(), [config],
+                                     lambda: _derive_class_means(outputs, config, paths))
+        if problem:
+            problems.append((config, problem, paths["raw"]))
         return paths
 
     teacher_means = class_means(t_config, t_summary)
@@ -584,12 +595,11 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
     for name, config, summary in students:
         means = class_means(config, summary)
         metrics_path = _pair_metrics_path(folder, config, summary, t_config, t_summary)
-        if not metrics_path.exists():
-            problem = _checkpoint_problem(store, config) or _checkpoint_problem(store, t_config)
-            if problem:
-                problems.append((config, problem, metrics_path))
-                continue
-            _derive_pair_metrics(outputs, config, t_config, metrics_path, verbose)
+        _, problem = _ensure_derived(store, [metrics_path], [config, t_config], lambda: _derive_pair_metrics(
+            outputs, config, t_config, metrics_path, verbose))
+        if problem:
+            problems.append((config, problem, metrics_path))
+            continue
         if problems:
             continue
         metrics = read_json(metrics_path)
@@ -657,19 +667,18 @@ def derive_analysis(preset: str, *, store: RunStore | str | Path | None = None, 
         if summary is None or _checkpoint_problem(store, config):
             continue
         path, meta_path = _tsne_paths(store, preset, spec, config, summary, "pooled")
-        if not (path.exists() and meta_path.exists()):
-            _derive_tsne(outputs, spec, config, summary, "pooled", path, meta_path, verbose)
-            written += [path, meta_path]
         means = _class_mean_paths(folder, config, summary)
-        if not all(p.exists() for p in means.values()):
-            _derive_class_means(outputs, config, means)
-            written += list(means.values())
-        if config.run_id == teacher.run_id or t_summary is None or _checkpoint_problem(store, teacher):
-            continue
-        metrics_path = _pair_metrics_path(folder, config, summary, teacher, t_summary)
-        if not metrics_path.exists():
-            _derive_pair_metrics(outputs, config, teacher, metrics_path, verbose)
-            written.append(metrics_path)
+        derived = [([path, meta_path], [config], lambda: _derive_tsne(
+                        outputs, spec, config, summary, "pooled", path, meta_path, verbose)),
+                   (list(means.values()), [config], lambda: _derive_class_means(outputs, config, means))]
+        if config.run_id != teacher.run_id and t_summary is not None:
+            metrics_path = _pair_metrics_path(folder, config, summary, teacher, t_summary)
+            derived.append(([metrics_path], [config, teacher], lambda: _derive_pair_metrics(
+                outputs, config, teacher, metrics_path, verbose)))
+        for paths, sources, derive in derived:
+            # a missing teacher checkpoint only leaves the pair metrics for later
+            if _ensure_derived(store, paths, sources, derive)[0]:
+                written += paths
     return written
 
 
