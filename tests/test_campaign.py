@@ -241,7 +241,7 @@ def test_a_study_campaign_trains_the_whole_plan_reuses_the_other_presets_teacher
 
     assert any("t-SNE/correlation files" in line for line in lines)
     # A lost derived file is recomputed from the checkpoints, and only that one; present files are left alone.
-    folder = store.root / "analysis" / preset
+    folder = study.analysis_dir_for(store, preset)
     kd = next(c for c in campaign.configs if c.method == "kd")
     kd_metrics = next(folder.glob(f"correlation/metrics_{kd.run_id}_*.json"))
     kept = {p: p.stat().st_mtime_ns for p in folder.rglob("*") if p.is_file() and p != kd_metrics}

@@ -415,17 +415,18 @@ def _checkpoint_problem(store: RunStore, config: RunConfig) -> str | None:
 
 
 def _ensure_derived(store: RunStore, paths: Iterable[Path], sources: Sequence[RunConfig],
-                    derive: Callable[[], None]) -> tuple[bool, str | None]:
+                    derive: Callable[[], None]) -> tuple[list[Path], str | None]:
     """Make sure the derived files ``paths`` exist: when one is missing, compute them with ``derive`` from the
-    checkpoints of ``sources``. Returns ``(written, problem)``: whether ``derive`` ran, and why the files are absent
-    and cannot be computed (a missing checkpoint), else None."""
+    checkpoints of ``sources``. Returns ``(written, problem)``: the files ``derive`` wrote (none when all were
+    there), and why the files are absent and cannot be computed (a missing checkpoint), else None."""
+    paths = list(paths)
     if all(p.exists() for p in paths):
-        return False, None
+        return [], None
     problem = next((p for p in (_checkpoint_problem(store, c) for c in sources) if p), None)
     if problem:
-        return False, problem
+        return [], problem
     derive()
-    return True, None
+    return paths, None
 
 
 def _missing_derived(preset: str, what: str, problems: Sequence[tuple[RunConfig, str, Path]]) -> MissingRunsError:
@@ -599,7 +600,6 @@ def build_correlation(preset: str = "quick", *, train: bool = True, store: RunSt
             outputs, config, t_config, metrics_path, verbose))
         if problem:
             problems.append((config, problem, metrics_path))
-            continue
         if problems:
             continue
         metrics = read_json(metrics_path)
@@ -667,18 +667,17 @@ def derive_analysis(preset: str, *, store: RunStore | str | Path | None = None, 
         if summary is None or _checkpoint_problem(store, config):
             continue
         path, meta_path = _tsne_paths(store, preset, spec, config, summary, "pooled")
+        written += _ensure_derived(store, (path, meta_path), [config], lambda: _derive_tsne(
+            outputs, spec, config, summary, "pooled", path, meta_path, verbose))[0]
         means = _class_mean_paths(folder, config, summary)
-        derived = [([path, meta_path], [config], lambda: _derive_tsne(
-                        outputs, spec, config, summary, "pooled", path, meta_path, verbose)),
-                   (list(means.values()), [config], lambda: _derive_class_means(outputs, config, means))]
-        if config.run_id != teacher.run_id and t_summary is not None:
-            metrics_path = _pair_metrics_path(folder, config, summary, teacher, t_summary)
-            derived.append(([metrics_path], [config, teacher], lambda: _derive_pair_metrics(
-                outputs, config, teacher, metrics_path, verbose)))
-        for paths, sources, derive in derived:
-            # a missing teacher checkpoint only leaves the pair metrics for later
-            if _ensure_derived(store, paths, sources, derive)[0]:
-                written += paths
+        written += _ensure_derived(store, means.values(), [config],
+                                   lambda: _derive_class_means(outputs, config, means))[0]
+        if config.run_id == teacher.run_id or t_summary is None:
+            continue
+        # a missing teacher checkpoint only leaves the pair metrics for later
+        metrics_path = _pair_metrics_path(folder, config, summary, teacher, t_summary)
+        written += _ensure_derived(store, [metrics_path], [config, teacher], lambda: _derive_pair_metrics(
+            outputs, config, teacher, metrics_path, verbose))[0]
     return written
 
 
