@@ -20,6 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -37,9 +38,10 @@ TABLES = {"teachers": ("csv", "md"), "main_table": ("csv", "md", "tex"),
           "ablation_intra_inter": ("csv", "md"), "tsne_separation": ("csv", "md"),
           "correlation_metrics": ("csv", "md")}
 FIGURES = ("teachers", "main_table", "ablation_batch_size", "ablation_temperature", "dcd_kappa",
-           "ablation_intra_inter", "tsne", "correlation_heatmaps", "correlation_heatmaps_zscore")
+           "ablation_intra_inter", "ablation_intra_inter_curves", "tsne", "correlation_heatmaps",
+           "correlation_heatmaps_zscore")
 RUN_TABLES = ("main_table_runs", "ablation_batch_size_runs", "ablation_temperature_runs", "ablation_intra_inter_runs",
-              "dcd_kappa_curves")
+              "ablation_intra_inter_curves", "dcd_kappa_curves")
 
 
 def expected_files(folder: Path) -> list[Path]:
@@ -254,6 +256,22 @@ def test_ablation_tables_content(smoke):
     released = grid[grid["variant"].str.endswith("(released)")]
     assert len(released) == 1 and float(released.iloc[0]["Δ vs full (pp)"]) == 0.0
     assert len(intra[intra["ablation"].str.startswith("MCLD")]) == len(spec.mcld_grid)
+    # the per-epoch curves of the intra/inter arms are the runs' own metrics.jsonl lines, term by term
+    curves = pd.read_csv(smoke.out / "ablation_intra_inter_curves.csv")
+    arms = [e for e in study.experiment_configs(PRESET, "intra_inter") if e.labels["ablation"] == study.CKD_INTRA_INTER]
+    assert sorted(curves["run_id"].unique()) == sorted(e.config.run_id for e in arms)
+    store = RunStore(smoke.results)
+    for entry in arms:
+        logged = store.metrics(entry.config.run_id)
+        rows = curves[curves["run_id"] == entry.config.run_id].sort_values("epoch")
+        assert list(rows["epoch"]) == [m["epoch"] for m in logged]
+        for term in ("test_top1", "train_ce", "train_ckd_intra", "train_ckd_inter"):
+            expected = [m.get(term, float("nan")) for m in logged]
+            assert np.allclose(rows[term].to_numpy(), expected, equal_nan=True, atol=1e-6), (entry.labels, term)
+        # an arm that switched a term off logs no such term: its column stays empty
+        for term in ("intra", "inter"):
+            if term not in entry.config.method_options["terms"]:
+                assert rows[f"train_ckd_{term}"].isna().all()
 
 
 @pytest.mark.slow

@@ -349,8 +349,41 @@ def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
         path_stem=out / "ablation_intra_inter", xlabel=f"{TOP1}, mean ± std",
         title=f"CKD intra/inter and MCLD components: {pair_label(*spec.pair)}, {data_description(first)}, "
               f"preset {preset}, {_seeds_text(spec.ablation_seeds)}")}
+    curves = _intra_inter_curves(run_set)
+    analysis.write_csv(curves, out / "ablation_intra_inter_curves.csv")
+    means = curves.groupby(["variant", "epoch"], sort=False).mean(numeric_only=True).reset_index()
+    panels = [dict(data=means.dropna(subset=[column]), x="epoch", y=column, hue="variant", xlabel="epoch",
+                   ylabel=ylabel) for column, ylabel in _INTRA_INTER_CURVE_PANELS
+              if means[column].notna().any()]
+    figures["ablation_intra_inter_curves"] = analysis.plot_line_panels(
+        panels, out / "ablation_intra_inter_curves", max_cols=2,
+        title=f"CKD intra/inter arms per epoch (mean over {_seeds_text(spec.ablation_seeds)}): test top-1 and the "
+              f"training loss terms the loop summed (CKD terms weighted by λ_CL), preset {preset}")
     return StudyResult("05_ablation_intra_inter", preset, table, caption, runs, tables, figures,
-                       extra={"aggregate": agg})
+                       extra={"aggregate": agg, "curves": curves})
+
+
+# The per-epoch record of the CKD intra/inter arms: what shows why an arm learns slowly or not at all.
+_INTRA_INTER_CURVE_PANELS = (("test_top1", "test top-1 (%)"), ("train_ce", "training CE"),
+                             ("train_ckd_intra", "λ_CL · intra (training)"),
+                             ("train_ckd_inter", "λ_CL · inter (training)"))
+
+
+def _intra_inter_curves(run_set: ExperimentRuns):
+    """One row per epoch of every run of the CKD intra/inter arms: test top-1 and the training CE and CKD
+    terms from the run's metrics.jsonl (a term the arm switched off is empty)."""
+    import pandas as pd
+
+    columns = [c for c, _ in _INTRA_INTER_CURVE_PANELS]
+    rows = []
+    for entry in run_set.entries:
+        if entry.labels.get("ablation") != CKD_INTRA_INTER:
+            continue
+        for m in run_set.store.metrics(entry.config.run_id):
+            rows.append({"variant": entry.labels["variant"], "seed": entry.labels["seed"],
+                         "run_id": entry.config.run_id, "epoch": m["epoch"],
+                         **{c: m.get(c, float("nan")) for c in columns}})
+    return pd.DataFrame(rows, columns=["variant", "seed", "run_id", "epoch", *columns])
 
 
 # ---------------------------------------------------------------------------------------------------------
