@@ -42,6 +42,27 @@ def test_temperature_control_series_holds_weight_times_tau_constant():
     assert any(not math.isclose(t, default["temperature"]) for t in control), "a control series of one point"
 
 
+@pytest.mark.parametrize("preset", [PRESET, "medium"])
+def test_gradient_matched_series_holds_weight_over_tau_constant(preset):
+    """λ/τ constant: the contrastive gradient's prefactor (λ/τ)(softmax − one-hot) is the default's at every τ."""
+    spec = study.STUDY[preset]
+    default = make_config(preset, method="ckd", teacher=spec.pair[0], student=spec.pair[1]).method_options
+    ratio = default["weight"] / default["temperature"]
+    entries = study.experiment_configs(preset, "temperature")
+    matched = [e for e in entries if e.labels["series"] == study.CONSTANT_RATIO]
+    product = {(e.labels["temperature"], e.labels["seed"]): e.config.run_id for e in entries
+               if e.labels["series"] == study.CONSTANT_PRODUCT}
+    assert sorted({e.labels["temperature"] for e in matched}) == sorted(spec.temperatures)
+    assert len(matched) == len(spec.temperatures) * len(spec.ablation_seeds)
+    for e in matched:
+        options, tau = e.config.method_options, e.labels["temperature"]
+        assert options["temperature"] == tau
+        assert options["weight"] / options["temperature"] == pytest.approx(ratio)
+        # the two controls meet only at the default temperature, where both are the default run
+        same = e.config.run_id == product[(tau, e.labels["seed"])]
+        assert same == math.isclose(tau, default["temperature"])
+
+
 def test_intra_inter_grid_has_inter_without_positive_and_the_anchor_negatives_cells():
     entries = [e for e in _entries("intra_inter") if e.config.method == "ckd"]
     by_variant = {e.labels["variant"]: e.config for e in entries}
@@ -62,6 +83,7 @@ def test_quick_keeps_its_stored_grid():
     """The quick preset's committed outputs were trained before these series: none of them enters its grid."""
     spec = study.STUDY["quick"]
     assert not spec.temperature_control and not spec.ckd_anchor_negatives and not spec.ckd_extra_variants
+    assert not spec.temperature_gradient_control
 
 
 @pytest.mark.parametrize("fixed", [None, 0.25])

@@ -238,11 +238,11 @@ def test_ablation_tables_content(smoke):
     spread = pd.read_csv(smoke.out / "ablation_temperature_spread.csv")
     assert spread["setting"].str.startswith("CKD").any() and spread["spread max − min (pp)"].notna().all()
     temperature = pd.read_csv(smoke.out / "ablation_temperature.csv")
-    assert spec.temperature_control
-    assert len(temperature) == 2 * len(spec.temperatures) + 1 + len(spec.dcd_fixed_temperatures)
-    control = temperature[temperature["series"] == "CKD, λ_CL·τ constant (control)"]
-    assert len(control) == len(spec.temperatures)
-    assert len(spread[spread["setting"].str.startswith("CKD")]) == 2  # one spread per CKD series
+    assert spec.temperature_control and spec.temperature_gradient_control
+    assert len(temperature) == 3 * len(spec.temperatures) + 1 + len(spec.dcd_fixed_temperatures)
+    for series in (study.CONSTANT_PRODUCT, study.CONSTANT_RATIO):
+        assert len(temperature[temperature["series"] == series]) == len(spec.temperatures)
+    assert len(spread[spread["setting"].str.startswith("CKD")]) == 3  # one spread per CKD series
     kappa = pd.read_csv(smoke.out / "dcd_kappa_curves.csv")
     assert sorted(kappa["epoch"].unique()) == list(range(1, study.experiment_configs(PRESET, "temperature")[0]
                                                          .config.epochs + 1))

@@ -236,9 +236,13 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
                                             "learnable"])
     table = pd.DataFrame({"method": agg["method_label"], "series": agg["series"], "temperature": agg["setting"],
                           "seeds": agg["n"], **_top1_columns(agg)})
-    control = (" Control series: λ_CL·τ held constant at the pair's default (λ = λ₀·τ₀/τ), since the gradient "
-               "of the contrastive term scales as λ_CL/τ and the fixed-λ series also changes the loss weight."
+    control = (" Control series: λ_CL·τ held constant at the pair's default (λ = λ₀·τ₀/τ), as methods.md §2 words it."
                if spec.temperature_control else "")
+    if spec.temperature_gradient_control:
+        control += (" Gradient-matched series: λ_CL/τ held constant (λ = λ₀·τ/τ₀). The contrastive term's gradient "
+                    "is (λ_CL/τ)(softmax − one-hot): with λ fixed its prefactor changes by τ₀/τ, with λ·τ fixed by "
+                    "(τ₀/τ)², and only with λ/τ fixed is it the default's at every τ, so this series alone "
+                    "separates the temperature from the loss weight.")
     caption = (f"Temperature ablation, preset '{preset}', {pair_label(*spec.pair)}, {data_description(first)}, "
                f"{budget_description(first)}: {TOP1} mean ± std over {_seeds_text(spec.ablation_seeds)}. "
                f"CKD with τ ∈ {list(spec.temperatures)} (other options at their defaults); DCD with its learnable "
@@ -287,19 +291,33 @@ def build_temperature_ablation(preset: str = "quick", *, train: bool = True,
 def _dcd_kappa_curves(run_set: ExperimentRuns):
     """DCD's κ per epoch (``dcd_kappa`` in metrics.jsonl), one curve per run of the temperature grid; None when
     a DCD run did not log it (runs stored before it was recorded)."""
+    rows = _per_epoch_rows(run_set, lambda entry: entry.config.method == "dcd", ("setting", "seed"),
+                           {"kappa": "dcd_kappa"}, missing="none")
+    if rows is None or rows.empty:
+        return None
+    rows.insert(0, "curve", [f"{setting}, seed {seed}" for setting, seed in zip(rows["setting"], rows["seed"])])
+    return rows
+
+
+def _per_epoch_rows(run_set: ExperimentRuns, keep: Callable[[Any], bool], labels: Sequence[str],
+                    values: Mapping[str, str], *, missing: str = "nan"):
+    """One row per logged epoch of every run ``keep(entry)`` selects: the entry's ``labels``, its run id, the
+    epoch, and ``values`` (output column -> metrics.jsonl key). A key a run did not log is NaN
+    (``missing="nan"``: a term the run switched off) or makes the result None (``missing="none"``: runs stored
+    before the key was recorded, which a curve must not silently skip)."""
     import pandas as pd
 
     rows = []
     for entry in run_set.entries:
-        if entry.config.method != "dcd":
+        if not keep(entry):
             continue
         metrics = run_set.store.metrics(entry.config.run_id)
-        if not metrics or any("dcd_kappa" not in m for m in metrics):
+        if missing == "none" and (not metrics or any(key not in m for m in metrics for key in values.values())):
             return None
-        curve = f"{entry.labels['setting']}, seed {entry.labels['seed']}"
-        rows += [{"curve": curve, "setting": entry.labels["setting"], "seed": entry.labels["seed"],
-                  "run_id": entry.config.run_id, "epoch": m["epoch"], "kappa": m["dcd_kappa"]} for m in metrics]
-    return pd.DataFrame(rows) if rows else None
+        rows += [{**{label: entry.labels[label] for label in labels}, "run_id": entry.config.run_id,
+                  "epoch": m["epoch"], **{column: m.get(key, float("nan")) for column, key in values.items()}}
+                 for m in metrics]
+    return pd.DataFrame(rows, columns=[*labels, "run_id", "epoch", *values])
 
 
 def build_intra_inter_ablation(preset: str = "quick", *, train: bool = True,
@@ -372,18 +390,8 @@ _INTRA_INTER_CURVE_PANELS = (("test_top1", "test top-1 (%)"), ("train_ce", "trai
 def _intra_inter_curves(run_set: ExperimentRuns):
     """One row per epoch of every run of the CKD intra/inter arms: test top-1 and the training CE and CKD
     terms from the run's metrics.jsonl (a term the arm switched off is empty)."""
-    import pandas as pd
-
-    columns = [c for c, _ in _INTRA_INTER_CURVE_PANELS]
-    rows = []
-    for entry in run_set.entries:
-        if entry.labels.get("ablation") != CKD_INTRA_INTER:
-            continue
-        for m in run_set.store.metrics(entry.config.run_id):
-            rows.append({"variant": entry.labels["variant"], "seed": entry.labels["seed"],
-                         "run_id": entry.config.run_id, "epoch": m["epoch"],
-                         **{c: m.get(c, float("nan")) for c in columns}})
-    return pd.DataFrame(rows, columns=["variant", "seed", "run_id", "epoch", *columns])
+    return _per_epoch_rows(run_set, lambda entry: entry.labels.get("ablation") == CKD_INTRA_INTER,
+                           ("variant", "seed"), {c: c for c, _ in _INTRA_INTER_CURVE_PANELS})
 
 
 # ---------------------------------------------------------------------------------------------------------

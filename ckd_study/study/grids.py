@@ -63,8 +63,11 @@ class StudySpec:
     ckd_anchor_negatives  (anchor, negatives) cells of CKD's anchor × negatives grid (empty: no grid); with
                           student–student negatives the anchor does not change the loss, so one cell stands for all
     temperature_control   beside CKD's fixed-λ temperature series, a control series with λ_CL·τ held constant
-                          (λ = λ₀·τ₀/τ from the pair's defaults): the gradient scales as λ/τ, so the fixed-λ
-                          series mixes "temperature" with a change of loss weight
+                          (λ = λ₀·τ₀/τ from the pair's defaults), as methods.md §2 and the ablation issue word it
+    temperature_gradient_control  a second control series with λ_CL/τ held constant (λ = λ₀·τ/τ₀): the
+                          prefactor of the contrastive term's gradient, (λ/τ)(softmax − one-hot), is then the
+                          default's at every τ. The fixed-λ series changes that prefactor by τ₀/τ and the λ·τ
+                          series by (τ₀/τ)², so only this one separates the temperature from the loss weight
     mcld_grid             (label, MCLD options) of the MCLD component ablation; ``{}`` is the default MCLD
     analysis_methods      students shown by t-SNE and the correlation figure (runs of ``analysis_seed``)
     tsne_classes, tsne_per_class  the fixed t-SNE test subset (None: all classes / all test images of a class)
@@ -87,6 +90,7 @@ class StudySpec:
     ckd_extra_variants: tuple[tuple[str, Mapping[str, Any]], ...] = ()
     ckd_anchor_negatives: tuple[tuple[str, str], ...] = ()
     temperature_control: bool = False
+    temperature_gradient_control: bool = False
     analysis_methods: tuple[str, ...] = ("ce", "kd", "crd", "ckd", "mcld", "dcd")
     tsne_classes: int | None = 20
     tsne_per_class: int | None = 50
@@ -134,6 +138,7 @@ STUDY: dict[str, StudySpec] = {
         ckd_extra_variants=_CKD_EXTRA_VARIANTS,
         ckd_anchor_negatives=_CKD_ANCHOR_NEGATIVES,
         temperature_control=True,
+        temperature_gradient_control=True,
     ),
     # One pair on the CIFAR-100 subset; sized for a ~40-minute CPU budget (counts are data: tune them here).
     # The CKD anchor × negatives grid, inter without the positive and the λ·τ control series are off here: at
@@ -185,6 +190,7 @@ STUDY: dict[str, StudySpec] = {
         ckd_extra_variants=_CKD_EXTRA_VARIANTS,
         ckd_anchor_negatives=_CKD_ANCHOR_NEGATIVES,
         temperature_control=True,
+        temperature_gradient_control=True,
     ),
 }
 
@@ -202,6 +208,7 @@ STUDY["medium"] = dataclasses.replace(
     ckd_extra_variants=_CKD_EXTRA_VARIANTS,
     ckd_anchor_negatives=_CKD_ANCHOR_NEGATIVES,
     temperature_control=True,
+    temperature_gradient_control=True,
 )
 
 
@@ -288,16 +295,19 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
                 cfg = _config(preset, "ckd", pair, s, method_options={"temperature": t})
                 out.append(Entry(_base_labels(pair, "ckd", s, setting=f"τ = {t:g}", temperature=t,
                                               learnable=False, series=FIXED_WEIGHT), cfg))
-        if spec.temperature_control:
-            defaults = _config(preset, "ckd", pair, 0).method_options
-            weight0, tau0 = float(defaults["weight"]), float(defaults["temperature"])
+        defaults = _config(preset, "ckd", pair, 0).method_options
+        weight0, tau0 = float(defaults["weight"]), float(defaults["temperature"])
+        controls = [(CONSTANT_PRODUCT, lambda t: weight0 * tau0 / t)] if spec.temperature_control else []
+        if spec.temperature_gradient_control:
+            controls.append((CONSTANT_RATIO, lambda t: weight0 * t / tau0))
+        for series, weight_at in controls:
             for t in spec.temperatures:
-                weight = weight0 * tau0 / t
+                weight = weight_at(t)
                 for s in spec.ablation_seeds:
                     options = {"temperature": t} if math.isclose(t, tau0) else {"temperature": t, "weight": weight}
                     cfg = _config(preset, "ckd", pair, s, method_options=options)
                     out.append(Entry(_base_labels(pair, "ckd", s, setting=f"τ = {t:g}, λ = {weight:g}",
-                                                  temperature=t, learnable=False, series=CONSTANT_PRODUCT), cfg))
+                                                  temperature=t, learnable=False, series=series), cfg))
         for t in (None, *spec.dcd_fixed_temperatures):
             for s in spec.ablation_seeds:
                 cfg = _config(preset, "dcd", pair, s, method_options={"fixed_temperature": t})
@@ -343,6 +353,7 @@ def experiment_configs(preset: str, experiment: str, spec: StudySpec | None = No
 
 FIXED_WEIGHT = "CKD, λ_CL fixed"
 CONSTANT_PRODUCT = "CKD, λ_CL·τ constant (control)"
+CONSTANT_RATIO = "CKD, λ_CL/τ constant (gradient-matched)"
 ANCHOR_NEGATIVES = "CKD: anchor × negatives"
 # The intra/inter notebook's ablations and the variant each is measured against: one definition, used by the grid
 # and by the table, so that renaming a caption cannot silently empty a column.
