@@ -41,8 +41,8 @@ from .cli import main
 from .collect import (StudyResult, analysis_dir_for, budget_description, data_description, describe_run,
                       ensure_runs, figures_dir_for)
 from .grids import (ANCHOR_NEGATIVES, BEST, CKD_INTRA_INTER, CONSTANT_PRODUCT, CONSTANT_RATIO, DATASET_LABELS,
-                    EXPERIMENTS, FIXED_WEIGHT, INTER_WITHOUT_POSITIVE, METHOD_LABELS, NOTEBOOK_DIR, NOTEBOOKS, PAPER_PAIRS,
-                    PUBLISHED, STUDY, TOP1, Entry, MissingRunsError, StudyError, StudySpec, _config,
+                    EXPERIMENTS, FIXED_WEIGHT, INTER_WITHOUT_POSITIVE, METHOD_LABELS, NOTEBOOK_DIR, NOTEBOOKS,
+                    PAPER_PAIRS, PUBLISHED, STUDY, TOP1, Entry, MissingRunsError, StudyError, StudySpec, _config,
                     experiment_configs, pair_label, recipe_lr, scaled_lr, study_spec)
 from .notebooks import notebook_parameters, reproduce, strip_notebook
 

@@ -292,7 +292,7 @@ def _dcd_kappa_curves(run_set: ExperimentRuns):
     """DCD's κ per epoch (``dcd_kappa`` in metrics.jsonl), one curve per run of the temperature grid; None when
     a DCD run did not log it (runs stored before it was recorded)."""
     rows = _per_epoch_rows(run_set, lambda entry: entry.config.method == "dcd", ("setting", "seed"),
-                           {"kappa": "dcd_kappa"}, missing="none")
+                           {"kappa": "dcd_kappa"}, required=True)
     if rows is None or rows.empty:
         return None
     rows.insert(0, "curve", [f"{setting}, seed {seed}" for setting, seed in zip(rows["setting"], rows["seed"])])
@@ -300,11 +300,11 @@ def _dcd_kappa_curves(run_set: ExperimentRuns):
 
 
 def _per_epoch_rows(run_set: ExperimentRuns, keep: Callable[[Any], bool], labels: Sequence[str],
-                    values: Mapping[str, str], *, missing: str = "nan"):
+                    values: Mapping[str, str], *, required: bool = False):
     """One row per logged epoch of every run ``keep(entry)`` selects: the entry's ``labels``, its run id, the
-    epoch, and ``values`` (output column -> metrics.jsonl key). A key a run did not log is NaN
-    (``missing="nan"``: a term the run switched off) or makes the result None (``missing="none"``: runs stored
-    before the key was recorded, which a curve must not silently skip)."""
+    epoch, and ``values`` (output column -> metrics.jsonl key). A key a run did not log is NaN (a term the run
+    switched off), or, when ``required``, makes the result None (runs stored before the key was recorded, which
+    a curve must not silently skip)."""
     import pandas as pd
 
     rows = []
@@ -312,7 +312,7 @@ def _per_epoch_rows(run_set: ExperimentRuns, keep: Callable[[Any], bool], labels
         if not keep(entry):
             continue
         metrics = run_set.store.metrics(entry.config.run_id)
-        if missing == "none" and (not metrics or any(key not in m for m in metrics for key in values.values())):
+        if required and (not metrics or any(key not in m for m in metrics for key in values.values())):
             return None
         rows += [{**{label: entry.labels[label] for label in labels}, "run_id": entry.config.run_id,
                   "epoch": m["epoch"], **{column: m.get(key, float("nan")) for column, key in values.items()}}
