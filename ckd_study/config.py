@@ -384,8 +384,17 @@ def _method_names() -> list[str]:
     return available_methods()
 
 
+def _cpuinfo_words() -> set[str]:
+    """The words of /proc/cpuinfo (vendor, flags), or an empty set where there is none (not Linux)."""
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return set(fh.read().split())
+    except OSError:
+        return set()
+
+
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (oneDNN then runs bf16 convolutions about 2x faster than fp32).
+    """Whether this CPU computes bf16 natively (recorded with every run; :func:`cpu_prefers_bf16` decides ``auto``).
 
     Asked of torch's own CPU feature probe (``torch._C._cpu._is_avx512_bf16_supported``: the x86 AVX512-BF16 or
     AMX-BF16 instructions); where torch lacks the probe, the ``avx512_bf16``/``amx_bf16`` flags of
@@ -401,16 +410,36 @@ def cpu_has_native_bf16() -> bool:
     probes = [getattr(torch._C._cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(probe is not None for probe in probes):
         return any(bool(probe()) for probe in probes if probe is not None)
-    try:
-        with open("/proc/cpuinfo") as fh:
-            words = set(fh.read().split())
-    except OSError:
+    return bool(_cpuinfo_words() & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def bf16_expected_faster(native_bf16: bool, cpuinfo_words: set[str]) -> bool:
+    """Whether bf16 autocast is expected to beat fp32 on a CPU with these /proc/cpuinfo words.
+
+    Native bf16 is needed (emulated bf16 was ~10x slower than fp32 on a Zen 3) but not enough: on an Intel Xeon
+    with AVX512-BF16 and no AMX a bf16 train step ran at 0.58-0.79x of fp32, on one with AMX-BF16 at 1.8x
+    (``benchmarks/RESULTS.md`` §1e, §1g); on an AMD EPYC with AVX512-BF16 the project's guide gives ~2x (not
+    yet measured here). So: native bf16, except on an Intel CPU without ``amx_bf16``. Without /proc/cpuinfo
+    (not Linux) the native probe decides.
+    """
+    if not native_bf16:
         return False
-    return bool(words & {"avx512_bf16", "amx_bf16", "bf16"})
+    return not ("GenuineIntel" in cpuinfo_words and "amx_bf16" not in cpuinfo_words)
+
+
+def cpu_prefers_bf16() -> bool:
+    """:func:`bf16_expected_faster` for this CPU; ``CKD_CPU_BF16=0``/``1`` overrides it."""
+    import os
+
+    forced = os.environ.get("CKD_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return bf16_expected_faster(cpu_has_native_bf16(), _cpuinfo_words())
 
 
 def resolve_precision(precision: str, device: "str | None" = None) -> str:
-    """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16 (:func:`cpu_has_native_bf16`), else ``fp32``.
+    """``auto`` -> ``bf16`` on CUDA and on CPUs where bf16 is expected faster (:func:`cpu_prefers_bf16`), else
+    ``fp32``.
 
     ``device`` is where the run will train (None: CUDA when available, else the CPU); explicit ``bf16`` and
     ``fp32`` are kept as given (bf16 on a CPU without native support is emulated: correct but slow).
@@ -425,7 +454,7 @@ def resolve_precision(precision: str, device: "str | None" = None) -> str:
     kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     if kind == "cuda":
         return "bf16"
-    return "bf16" if kind == "cpu" and cpu_has_native_bf16() else "fp32"
+    return "bf16" if kind == "cpu" and cpu_prefers_bf16() else "fp32"
 
 
 def resolve(config: RunConfig, device: "str | None" = None) -> RunConfig:

@@ -31,6 +31,26 @@ def test_auto_precision_follows_the_device(monkeypatch, flag, device, expected):
     assert resolve_precision("fp32", device) == "fp32" and resolve_precision("bf16", device) == "bf16"
 
 
+@pytest.mark.parametrize("native, words, expected", [
+    (True, {"AuthenticAMD", "avx512_bf16"}, True),                 # EPYC Zen 4: ~2x measured
+    (True, {"GenuineIntel", "avx512_bf16"}, False),                # Xeon without AMX: 0.58-0.79x (RESULTS.md §1e)
+    (True, {"GenuineIntel", "avx512_bf16", "amx_bf16", "amx_tile"}, True),   # Xeon with AMX: 1.8x (§1g)
+    (False, {"AuthenticAMD", "avx2"}, False),                      # Zen 3: emulated, ~10x slower
+    (True, set(), True),                                           # no /proc/cpuinfo: the native probe decides
+])
+def test_auto_picks_bf16_only_where_it_was_measured_faster(monkeypatch, native, words, expected):
+    import ckd_study.config as config_module
+
+    monkeypatch.delenv("CKD_CPU_BF16", raising=False)
+    monkeypatch.setattr(config_module, "cpu_has_native_bf16", lambda: native)
+    monkeypatch.setattr(config_module, "_cpuinfo_words", lambda: set(words))
+    assert config_module.bf16_expected_faster(native, set(words)) is expected
+    assert resolve_precision("auto", "cpu") == ("bf16" if expected else "fp32")
+    assert resolve_precision("auto", "cuda") == "bf16"
+    monkeypatch.setenv("CKD_CPU_BF16", "0" if expected else "1")  # the override wins either way
+    assert resolve_precision("auto", "cpu") == ("fp32" if expected else "bf16")
+
+
 def test_stored_configs_hold_the_resolved_precision_and_it_changes_the_run_id(monkeypatch):
     monkeypatch.setenv("CKD_CPU_BF16", "1")
     auto = make_config("smoke", method="kd", device="cpu")
