@@ -142,8 +142,8 @@ def _add_run_arguments(train: argparse.ArgumentParser) -> None:
     train.add_argument("--deterministic", action="store_true", default=None)
     train.add_argument("--compile", action="store_true", default=None, help="torch.compile the student")
     train.add_argument("--precision", choices=PRECISIONS, default=None,
-                       help="network compute precision (default auto: bf16 on CUDA and on CPUs with native bf16, "
-                            "else fp32; losses are float32 either way); part of the run id")
+                       help="network compute precision (default auto: bf16 on CUDA and on CPUs with native bf16 "
+                            "except Intel without AMX, else fp32; losses are float32 either way); part of the run id")
     train.add_argument("--drop-last", action="store_true", default=None,
                        help="drop the last partial batch of each epoch (DCD's release; default: keep it, as the "
                             "released KD trainers do)")
