@@ -29,7 +29,7 @@ import torch.nn.functional as F
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from ckd_study.config import _cpuinfo_words, cpu_has_native_bf16, resolve_precision  # noqa: E402
+from ckd_study.config import cpu_bf16_flags, cpu_has_native_bf16, resolve_precision  # noqa: E402
 from ckd_study.models import create_model  # noqa: E402
 from ckd_study.runs import cpu_name  # noqa: E402
 from ckd_study.train import DeviceSetup  # noqa: E402
@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     report = {"benchmark": "bench_precision", "device": args.device,
               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_name(),
               "cpu_native_bf16": cpu_has_native_bf16(),
-              "cpu_bf16_flags": sorted(_cpuinfo_words() & {"avx512_bf16", "amx_bf16", "amx_tile"}),
+              "cpu_bf16_flags": cpu_bf16_flags(),
               "auto_resolves_to": resolve_precision("auto", args.device),
               "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_size": args.batch_size,
               "steps": args.steps, "variants": wanted, "torch": torch.__version__,

@@ -413,6 +413,11 @@ def cpu_has_native_bf16() -> bool:
     return bool(_cpuinfo_words() & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
+def cpu_bf16_flags() -> list[str]:
+    """The bf16-related flags /proc/cpuinfo lists (recorded with runs and benchmarks: which kind of CPU it was)."""
+    return sorted(_cpuinfo_words() & {"avx512_bf16", "amx_bf16", "amx_tile", "bf16"})
+
+
 def bf16_expected_faster(native_bf16: bool, cpuinfo_words: set[str]) -> bool:
     """Whether bf16 autocast is expected to beat fp32 on a CPU with these /proc/cpuinfo words.
 

@@ -32,7 +32,7 @@ from typing import Any, Iterator
 
 import torch
 
-from .config import RunConfig, cpu_has_native_bf16
+from .config import RunConfig, cpu_bf16_flags, cpu_has_native_bf16
 from .files import atomic_torch_save, atomic_write_bytes, atomic_write_json, sha256_file, sha256_json
 from .data import NUM_VIEWS, ImageDataset, load_dataset, resolve_data_root
 from .methods import create_method, method_class
@@ -460,6 +460,7 @@ def environment_record(setup) -> dict:
         "autocast_dtype": None if setup.autocast_dtype is None else str(setup.autocast_dtype),
         "channels_last": setup.channels_last,
         "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_bf16_flags": cpu_bf16_flags(),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),

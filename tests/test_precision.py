@@ -51,6 +51,16 @@ def test_auto_picks_bf16_only_where_it_was_measured_faster(monkeypatch, native, 
     assert resolve_precision("auto", "cpu") == ("fp32" if expected else "bf16")
 
 
+def test_runs_record_the_cpus_bf16_flags(monkeypatch):
+    import ckd_study.config as config_module
+    from ckd_study.runs import environment_record
+
+    words = {"GenuineIntel", "fpu", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"}
+    monkeypatch.setattr(config_module, "_cpuinfo_words", lambda: set(words))
+    assert environment_record(DeviceSetup.for_device("cpu", "fp32"))["cpu_bf16_flags"] == \
+        ["amx_bf16", "amx_tile", "avx512_bf16"]
+
+
 def test_stored_configs_hold_the_resolved_precision_and_it_changes_the_run_id(monkeypatch):
     monkeypatch.setenv("CKD_CPU_BF16", "1")
     auto = make_config("smoke", method="kd", device="cpu")
