@@ -101,7 +101,7 @@ def test_xeon_bf16_table_quotes_its_json(records):
     """Section 1e: the Intel Xeon (AVX512-BF16, no AMX visible) where ``auto`` picks bf16 and bf16 was slower,
     every row from its JSON, and the claim "slower in every row" checked against the data."""
     results_md, _ = records
-    section = results_md.split("## 1e.")[1].split("## 2.")[0]
+    section = results_md.split("## 1e.")[1].split("\n## ")[0]
     rows = 0
     for run in ("a", "b"):
         bench = json.loads((RESULTS / f"bench_precision_cpu_xeon_2026-12-03_{run}.json").read_text())
@@ -113,3 +113,23 @@ def test_xeon_bf16_table_quotes_its_json(records):
             assert r["bf16"] < min(r["fp32"], r["fp32_channels_last"]), row
             rows += 1
     assert section.count("| train step |") + section.count("| teacher forward |") == rows
+
+
+def test_xeon_amx_bf16_table_quotes_its_json(records):
+    """Section 1g: the Intel Xeon with AMX-BF16 where bf16 was faster, every row from its JSON, the claim
+    "faster in every row" checked against the data, and ``auto``'s rule agreeing with both Xeon records."""
+    from ckd_study.config import bf16_expected_faster
+
+    results_md, _ = records
+    section = results_md.split("## 1g.")[1].split("\n## ")[0]
+    bench = json.loads((RESULTS / "bench_precision_cpu_xeon_amx_2026-12-06.json").read_text())
+    assert bench["cpu_native_bf16"] and bench["threads"] == 2
+    for r in bench["rows"]:
+        row = (f"| {r['kind']} | {r['model']} | {r['fp32']:.1f} | {r['fp32_channels_last']:.1f} | "
+               f"{r['bf16']:.1f} | {r['bf16_over_fp32']:.2f}× |")
+        assert row in section, row
+        assert r["bf16"] > max(r["fp32"], r["fp32_channels_last"]), row
+    assert section.count("| train step |") + section.count("| teacher forward |") == len(bench["rows"])
+    # the rule behind auto, applied to the flags each record's section names
+    assert bf16_expected_faster(True, {"GenuineIntel", "avx512_bf16", "amx_bf16", "amx_tile"})
+    assert not bf16_expected_faster(True, {"GenuineIntel", "avx512_bf16"})
