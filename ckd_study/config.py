@@ -11,6 +11,7 @@ from the preset and applies the overrides; nothing in the engine branches on a p
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -384,13 +385,27 @@ def _method_names() -> list[str]:
     return available_methods()
 
 
-def _cpuinfo_words() -> set[str]:
-    """The words of /proc/cpuinfo (vendor, flags), or an empty set where there is none (not Linux)."""
+# /proc/cpuinfo flags of native bf16 arithmetic (x86 AVX512-BF16 / AMX-BF16, Arm BF16)
+NATIVE_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_words() -> frozenset[str]:
+    """The words of /proc/cpuinfo (vendor, flags), or none where there is no such file (not Linux). Read once:
+    every config build resolves ``precision="auto"``, and a CPU's flags do not change under a process."""
     try:
         with open("/proc/cpuinfo") as fh:
-            return set(fh.read().split())
+            return frozenset(fh.read().split())
     except OSError:
-        return set()
+        return frozenset()
+
+
+def _forced_cpu_bf16() -> "bool | None":
+    """``CKD_CPU_BF16=0``/``1``: the user's override of both the native-bf16 probe and ``auto``'s choice."""
+    import os
+
+    forced = os.environ.get("CKD_CPU_BF16")
+    return forced == "1" if forced in ("0", "1") else None
 
 
 def cpu_has_native_bf16() -> bool:
@@ -400,25 +415,23 @@ def cpu_has_native_bf16() -> bool:
     AMX-BF16 instructions); where torch lacks the probe, the ``avx512_bf16``/``amx_bf16`` flags of
     /proc/cpuinfo (Linux x86) or ``bf16`` among the Arm features. ``CKD_CPU_BF16=0``/``1`` overrides it.
     """
-    import os
-
-    forced = os.environ.get("CKD_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = _forced_cpu_bf16()
+    if forced is not None:
+        return forced
     import torch
 
     probes = [getattr(torch._C._cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(probe is not None for probe in probes):
         return any(bool(probe()) for probe in probes if probe is not None)
-    return bool(_cpuinfo_words() & {"avx512_bf16", "amx_bf16", "bf16"})
+    return bool(_cpuinfo_words() & NATIVE_BF16_FLAGS)
 
 
 def cpu_bf16_flags() -> list[str]:
     """The bf16-related flags /proc/cpuinfo lists (recorded with runs and benchmarks: which kind of CPU it was)."""
-    return sorted(_cpuinfo_words() & {"avx512_bf16", "amx_bf16", "amx_tile", "bf16"})
+    return sorted(_cpuinfo_words() & (NATIVE_BF16_FLAGS | {"amx_tile"}))
 
 
-def bf16_expected_faster(native_bf16: bool, cpuinfo_words: set[str]) -> bool:
+def bf16_expected_faster(native_bf16: bool, cpuinfo_words: "set[str] | frozenset[str]") -> bool:
     """Whether bf16 autocast is expected to beat fp32 on a CPU with these /proc/cpuinfo words.
 
     Native bf16 is needed (emulated bf16 was ~10x slower than fp32 on a Zen 3) but not enough: on an Intel Xeon
@@ -434,11 +447,9 @@ def bf16_expected_faster(native_bf16: bool, cpuinfo_words: set[str]) -> bool:
 
 def cpu_prefers_bf16() -> bool:
     """:func:`bf16_expected_faster` for this CPU; ``CKD_CPU_BF16=0``/``1`` overrides it."""
-    import os
-
-    forced = os.environ.get("CKD_CPU_BF16")
-    if forced in ("0", "1"):
-        return forced == "1"
+    forced = _forced_cpu_bf16()
+    if forced is not None:
+        return forced
     return bf16_expected_faster(cpu_has_native_bf16(), _cpuinfo_words())
 
 

@@ -5,8 +5,8 @@ already-weighted loss terms; the loop sums them, checks they are finite, back-pr
 
 Recipe (methods.md §0): SGD with momentum and weight decay, a step schedule (×``lr_decay`` after each milestone)
 or cosine, the teacher frozen in eval mode. A run's ``precision`` (``config.resolve_precision``: bf16 on CUDA and
-on CPUs where bf16 is measured faster, else fp32) sets how the networks run: bf16 autocast or float32, in the channels_last
-memory format either way; the student is optionally ``torch.compile``d. Losses are always computed in float32.
+on CPUs where bf16 is measured faster, else fp32) sets how the networks run: bf16 autocast or float32, in the
+channels_last memory format either way; the student is optionally ``torch.compile``d. Losses are always computed in float32.
 """
 
 from __future__ import annotations
