@@ -436,8 +436,8 @@ def bf16_expected_faster(native_bf16: bool, cpuinfo_words: "set[str] | frozenset
 
     Native bf16 is needed (emulated bf16 was ~10x slower than fp32 on a Zen 3) but not enough: on an Intel Xeon
     with AVX512-BF16 and no AMX a bf16 train step ran at 0.58-0.79x of fp32, on one with AMX-BF16 at 1.8x
-    (``benchmarks/RESULTS.md`` §1e, §1g); on an AMD EPYC with AVX512-BF16 the project's guide gives ~2x (not
-    yet measured here). So: native bf16, except on an Intel CPU without ``amx_bf16``. Without /proc/cpuinfo
+    (``benchmarks/RESULTS.md`` §1e, §1g); on an AMD EPYC (Zen 4) with AVX512-BF16 at 1.46-1.60x (§1h). So:
+    native bf16, except on an Intel CPU without ``amx_bf16``. Without /proc/cpuinfo
     (not Linux) the native probe decides.
     """
     if not native_bf16:

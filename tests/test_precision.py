@@ -32,7 +32,7 @@ def test_auto_precision_follows_the_device(monkeypatch, flag, device, expected):
 
 
 @pytest.mark.parametrize("native, words, expected", [
-    (True, {"AuthenticAMD", "avx512_bf16"}, True),                 # EPYC Zen 4: ~2x (the guide; not measured here)
+    (True, {"AuthenticAMD", "avx512_bf16"}, True),                 # EPYC Zen 4: 1.46-1.60x (RESULTS.md §1h)
     (True, {"GenuineIntel", "avx512_bf16"}, False),                # Xeon without AMX: 0.58-0.79x (RESULTS.md §1e)
     (True, {"GenuineIntel", "avx512_bf16", "amx_bf16", "amx_tile"}, True),   # Xeon with AMX: 1.8x (§1g)
     (False, {"AuthenticAMD", "avx2"}, False),                      # Zen 3: emulated, ~10x slower
