@@ -49,7 +49,8 @@ from ckd_study.teacher_cache import CACHEABLE  # noqa: E402
 from ckd_study.train import DeviceSetup  # noqa: E402
 
 SUMMARY_KEYS = ("run_id", "train_time_s", "wall_time_s", "images_per_s", "last_top1", "final_sha256",
-                "teacher_sha256", "teacher_source", "teacher_cache_hits", "teacher_cache_misses")
+                "teacher_sha256", "teacher_source", "teacher_cache_hits", "teacher_cache_misses",
+                "teacher_cache_prefetched", "teacher_calls")
 
 
 def cacheable(method: str) -> bool:
@@ -89,7 +90,10 @@ def stored_table(entries, store: RunStore, preset: str) -> list[dict]:
         if not row["cacheable"]:
             row["teacher"] = "live"
         elif "teacher_cache_misses" in s:  # recorded by the run itself
-            row["teacher"] = "cold" if s["teacher_cache_misses"] > s["teacher_cache_hits"] else "warm"
+            # hits include views the run itself prefetched into spare call slots (recorded since 2026-12-06)
+            prefetched = s.get("teacher_cache_prefetched", 0)
+            computed, found = s["teacher_cache_misses"] + prefetched, s["teacher_cache_hits"] - prefetched
+            row["teacher"] = "cold" if computed > found else "warm"
             row["how_known"] = "recorded"
         else:
             row["teacher"] = "warm" if e.config.seed in cold_seeds else "cold"

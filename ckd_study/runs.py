@@ -691,7 +691,8 @@ def _finish(trainer, store: RunStore, teacher_summary: dict | None, wall_time_s:
         "teacher_cache_file": (str(Path(teacher_source.path).relative_to(store.root))
                                if teacher_source is not None and teacher_source.path is not None else None),
         **{key: sum(r.get(key, 0) for r in state.history)
-           for key in ("teacher_cache_hits", "teacher_cache_misses") if key in last},
+           for key in ("teacher_cache_hits", "teacher_cache_misses", "teacher_cache_prefetched", "teacher_calls")
+           if key in last},
         "final_sha256": final_sha,
         "finished_at": utc_now(),
         "device": str(setup.device),

@@ -13,12 +13,16 @@ round the last float32 bit differently at different batch sizes, which could fli
 run's result does not depend on how warm the cache was, which run filled it, or whether the run was killed and
 resumed (tested); it differs from the live teacher only by float16 rounding (tested).
 
-Filling is lazy by default: a batch with misses runs the teacher on its missing views only, in calls of
+Filling is lazy by default: a batch with misses runs the teacher on its missing views, in calls of
 ``CANONICAL_BATCH`` (at the study's batch size of 64, never more than the live teacher), and runs that share
 a teacher and a seed (every method of a table) see the same views, so after the first run they never run the
-teacher. :meth:`TeacherOutputCache.fill_all` precomputes all 162 views
-(``ckd_study.runs.precompute_teacher_cache``, ``python -m ckd_study cache-teacher``; worth it before a grid of
-long runs: 240 epochs meet about 125 of the 162 views of each image anyway). Anything the cache cannot serve
+teacher. A call's spare slots (where a partly cached batch would pad with zeros) compute the next uncached
+views of the epoch's order instead (``begin_epoch``: the order and views of an epoch are fixed by its seed),
+so a partly warm cache costs about one call per 64 new views rather than one per batch; each value is still
+computed in a call of exactly ``CANONICAL_BATCH`` images, so nothing else changes.
+:meth:`TeacherOutputCache.fill_all` precomputes all 162 views (``ckd_study.runs.precompute_teacher_cache``,
+``python -m ckd_study cache-teacher``; worth it before a grid of long runs: 240 epochs meet about 125 of the 162
+views of each image anyway). Anything the cache cannot serve
 (no augmentation views, methods that read feature maps) falls back to the live teacher.
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -40,6 +45,7 @@ CACHEABLE = frozenset({"logits", "pooled"})
 CACHE_FORMAT = 3  # 2: values computed in canonical batches; 3: per-block checksums (older files are rebuilt)
 CHECK_BLOCK = 1 << 16  # entries per checksum block: a corrupt block costs at most this many recomputed views
 CANONICAL_BATCH = 64  # every cached value comes from a teacher call of exactly this many images
+LOOKAHEAD = 16 * CANONICAL_BATCH  # how far ahead in the epoch's order a call looks for views to fill spare slots
 
 
 def canonical_outputs(forward, images: torch.Tensor, names) -> dict[str, torch.Tensor]:
@@ -82,8 +88,10 @@ class TeacherOutputCache:
         self.values = {name: torch.zeros(size, dim, dtype=torch.float16, device=self.device)
                        for name, dim in self.dims.items()}
         self.filled = torch.zeros(size, dtype=torch.bool, device=self.device)
-        self.hits = 0
-        self.misses = 0
+        self.hits = 0  # batch views found filled (including views prefetched earlier in the epoch)
+        self.misses = 0  # batch views the teacher had to compute for their own batch
+        self.prefetched = 0  # upcoming views computed in a call's spare slots
+        self.calls = 0  # teacher calls of CANONICAL_BATCH images: the cost
 
     @staticmethod
     def keys(indices: torch.Tensor, view_ids: torch.Tensor) -> torch.Tensor:
@@ -179,26 +187,65 @@ class CachedTeacher(TeacherSource):
         self.live = live
         self.cache = cache
         self.path = path
+        self._order: torch.Tensor | None = None  # keys of the epoch's views in batch order (begin_epoch)
+        self._cursor = 0
+        self._images = None  # (uint8 images, mean, std) that the epoch's views are cut from
+
+    def begin_epoch(self, batches) -> None:
+        """Read the epoch's sample order and views from the batch iterator (a ``data.BatchIterator`` after
+        ``set_epoch``), so that spare call slots can compute the views its next batches will ask for."""
+        self._order, self._cursor = None, 0
+        if not getattr(batches, "augment", False):
+            return
+        order, views = batches.epoch_plan()
+        self._order = self.cache.keys(order, views[order]).to(self.cache.device)
+        self._images = (batches.x, batches.mean, batches.std)
+
+    def _upcoming(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """Keys of the views after this batch in the epoch's order, or None when the batch is not the one the
+        order expects next (batches drawn some other way): then spare slots are padded with zeros."""
+        if self._order is None:
+            return None
+        end = self._cursor + len(keys)
+        if not torch.equal(self._order[self._cursor:end], keys):
+            self._order = None
+            return None
+        self._cursor = end
+        return self._order[end:end + LOOKAHEAD]
 
     @torch.no_grad()
     def __call__(self, batch: Batch) -> ModelOutput:
         if batch.view_ids is None:
             return self.live(batch)
         keys = self.cache.keys(batch.indices, batch.view_ids)
+        upcoming = self._upcoming(keys)
         hit = self.cache.filled[keys]
         n_hit = int(hit.sum())
         self.cache.hits += n_hit
         if n_hit < len(keys):
             miss = ~hit
             self.cache.misses += len(keys) - n_hit
-            self.cache.put(keys[miss], canonical_outputs(self.live.forward_images, batch.images[miss],
-                                                         self.cache.dims))
+            todo, images = keys[miss], batch.images[miss]
+            spare = -len(todo) % CANONICAL_BATCH
+            if spare and upcoming is not None:
+                extra = upcoming[~self.cache.filled[upcoming]][:spare]
+                if len(extra):
+                    x, mean, std = self._images
+                    samples, views = (extra // NUM_VIEWS).to(x.device), (extra % NUM_VIEWS).to(x.device)
+                    todo = torch.cat([todo, extra])
+                    images = torch.cat([images, augment(x[samples], views, mean, std).to(images.device)])
+                    self.cache.prefetched += len(extra)
+            self.cache.put(todo, canonical_outputs(self.live.forward_images, images, self.cache.dims))
+            self.cache.calls += math.ceil(len(todo) / CANONICAL_BATCH)
         values = self.cache.get(keys)
         return ModelOutput(logits=values["logits"], feats=[], preact_feats=[], pooled=values["pooled"])
 
     def counters(self) -> dict[str, int]:
-        """Running totals the Trainer turns into per-epoch metrics (``teacher_cache_hits`` / ``_misses``)."""
-        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses}
+        """Running totals the Trainer turns into per-epoch metrics (``teacher_cache_hits`` / ``_misses`` /
+        ``_prefetched`` and ``teacher_calls``: the views first computed are misses + prefetched, the cost is
+        calls × CANONICAL_BATCH teacher images)."""
+        return {"cache_hits": self.cache.hits, "cache_misses": self.cache.misses,
+                "cache_prefetched": self.cache.prefetched, "calls": self.cache.calls}
 
     def save(self) -> None:
         if self.path is not None:

@@ -101,14 +101,18 @@ class TeacherSource:
     """Where the teacher's outputs for a training batch come from (the live network or the exact cache).
 
     Subclasses implement ``__call__``; what only some sources do has a no-op default here, so the engine calls
-    it on any source: ``counters`` (running totals the Trainer turns into per-epoch metrics), ``save`` (persist
-    what the source computed, for later runs) and ``path`` (the file it persists to, or None)."""
+    it on any source: ``begin_epoch`` (the epoch's batch iterator, before its first batch), ``counters``
+    (running totals the Trainer turns into per-epoch metrics), ``save`` (persist what the source computed, for
+    later runs) and ``path`` (the file it persists to, or None)."""
 
     kind: ClassVar[str] = "live"
     path: Path | None = None
 
     def __call__(self, batch: Batch) -> ModelOutput:
         raise NotImplementedError
+
+    def begin_epoch(self, batches) -> None:
+        pass
 
     def counters(self) -> dict[str, int]:
         return {}
@@ -272,6 +276,8 @@ class Trainer:
         self.student.train()
         self.method.train()
         self.train_batches.set_epoch(epoch)
+        if self.teacher_source is not None:
+            self.teacher_source.begin_epoch(self.train_batches)
         sums: dict[str, torch.Tensor] = {}
         correct = torch.zeros((), device=self.setup.device)
         pending: list[tuple[int, list[str], torch.Tensor]] = []

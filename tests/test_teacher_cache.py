@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ckd_study.config import make_config
-from ckd_study.data import NUM_VIEWS, Batch, augment, load_dataset, sample_views
+from ckd_study.data import NUM_VIEWS, Batch, BatchIterator, augment, load_dataset, sample_views
 from ckd_study.models import ModelOutput, create_model
 from ckd_study import teacher_cache
 from ckd_study.runs import RunStore, precompute_teacher_cache, run
@@ -143,6 +143,69 @@ def test_cached_values_do_not_depend_on_how_misses_were_grouped(setup):
     assert CANONICAL_BATCH == 64
 
 
+def _epoch_batches(data, batch_size, epoch, seed=0):
+    batches = BatchIterator(data.x_train, data.y_train, batch_size, shuffle=True, drop_last=False, augment=True,
+                            mean=data.mean, std=data.std, seed=seed)
+    batches.set_epoch(epoch)
+    return batches
+
+
+@pytest.mark.parametrize("warm_fraction", [0.0, 0.5])
+def test_spare_call_slots_compute_the_epochs_next_views(warm_fraction):
+    """Told the epoch's order (begin_epoch), a call fills the slots its batch's misses leave free with the next
+    uncached views of the epoch: the epoch costs ceil(uncached / 64) teacher calls, not one per batch with a
+    miss, and every value is bit-identical to a cache filled batch by batch without lookahead."""
+    torch.manual_seed(0)
+    data = load_dataset("digits").subset(30, 2)  # 300 training images: batches of 40, the last of 20
+    teacher = create_model("resnet14", data.num_classes).eval()
+    live = LiveTeacher(teacher, DeviceSetup.for_device("cpu", "fp32"))
+    dims = {"logits": teacher.num_classes, "pooled": teacher.pooled_dim}
+    order, views = _epoch_batches(data, 40, epoch=3).epoch_plan()
+    epoch_keys = TeacherOutputCache.keys(order, views[order])
+    warm = epoch_keys[torch.randperm(len(epoch_keys), generator=torch.Generator().manual_seed(1))
+                      [:int(warm_fraction * len(epoch_keys))]]
+
+    def filled_cache(lookahead: bool):
+        cache = TeacherOutputCache(len(data.x_train), dims)
+        source = CachedTeacher(live, cache)
+        if len(warm):  # the same views warm in both caches, filled outside the epoch
+            samples, view_ids = warm // NUM_VIEWS, warm % NUM_VIEWS
+            cache.put(warm, canonical_outputs(live.forward_images,
+                                              augment(data.x_train[samples], view_ids, data.mean, data.std), dims))
+        batches = _epoch_batches(data, 40, epoch=3)
+        if lookahead:
+            source.begin_epoch(batches)
+        for batch in batches:
+            source(batch)
+        return cache
+
+    plain, ahead = filled_cache(False), filled_cache(True)
+    uncached = len(epoch_keys) - len(warm)
+    assert ahead.calls == -(-uncached // CANONICAL_BATCH)
+    assert ahead.calls < plain.calls == len(_epoch_batches(data, 40, epoch=3))
+    assert ahead.misses + ahead.prefetched == uncached == plain.misses and plain.prefetched == 0
+    assert ahead.hits + ahead.misses == len(epoch_keys)
+    assert bool(ahead.filled[epoch_keys].all()) and int(ahead.filled.sum()) == len(epoch_keys)
+    for name in dims:
+        assert torch.equal(ahead.get(epoch_keys)[name], plain.get(epoch_keys)[name]), name
+
+
+def test_batches_off_the_announced_order_get_zero_padded_calls(setup):
+    """Batches that are not the announced epoch's (another epoch's order) turn lookahead off: no view is
+    prefetched, one call per batch, and the values are still those of the teacher."""
+    data, teacher, dev = setup
+    live = LiveTeacher(teacher, dev)
+    dims = {"logits": teacher.num_classes, "pooled": teacher.pooled_dim}
+    cache = TeacherOutputCache(len(data.x_train), dims)
+    source = CachedTeacher(live, cache)
+    source.begin_epoch(_epoch_batches(data, 8, epoch=0))
+    other = list(_epoch_batches(data, 8, epoch=1))
+    outputs = [source(batch) for batch in other]
+    assert cache.prefetched == 0 and cache.calls == len(other)
+    for batch, out in zip(other, outputs):
+        _fp16_close(out.logits, live(batch).logits)
+
+
 def test_canonical_outputs_pad_to_whole_calls():
     calls = []
 
@@ -178,6 +241,11 @@ def test_run_results_do_not_depend_on_cache_warmth(tmp_path):
     assert second["teacher_cache_misses"] == 0 and second["teacher_cache_hits"] == views_seen
     epochs = warm.metrics(config.run_id)
     assert [r["teacher_cache_misses"] for r in epochs] == [0] * config.epochs
+    assert [r["teacher_calls"] for r in epochs] == [0] * config.epochs
+    # The cold run filled spare call slots with the epoch's next views: whole calls, one per 64 new views.
+    for r in cold.metrics(config.run_id):
+        assert r["teacher_calls"] == -(-(r["teacher_cache_misses"] + r["teacher_cache_prefetched"]) // CANONICAL_BATCH)
+        assert r["teacher_calls"] < len(data.x_train) // config.batch_size
     assert sum(r["teacher_cache_misses"] for r in cold.metrics(config.run_id)) == first["teacher_cache_misses"]
 
     # The same config without the cache distils from unrounded teacher outputs: a different run id, and
