@@ -560,7 +560,11 @@ def run(config: RunConfig, *, store: RunStore | None = None, device: str | torch
         trainer = _build_trainer(config, store, teacher_summary, device, data_root, quiet, step_hook)
         wall_before = _resume(trainer, store, config, teacher_summary)
         teacher_sha = teacher_summary["final_sha256"] if teacher_summary else None
-        state, wall_time_s = _fit(trainer, run_dir, teacher_sha, wall_before, stop_at, on_epoch)
+        try:
+            state, wall_time_s = _fit(trainer, run_dir, teacher_sha, wall_before, stop_at, on_epoch)
+        except KeyboardInterrupt:  # Ctrl-C or SIGTERM: the resumed run (or the next) reads what this one computed
+            _keep_teacher_outputs(trainer.teacher_source)
+            raise
         _keep_teacher_outputs(trainer.teacher_source)
         if state.epoch < config.epochs:
             raise RunPaused(run_id, state.epoch, config.epochs)

@@ -314,3 +314,25 @@ def test_interrupted_precompute_continues_from_its_last_save(tmp_path, monkeypat
     assert result["computed"] == (NUM_VIEWS - 50) * per_view and result["coverage"] == 1.0
     with pytest.raises(ValueError, match="save_every"):
         precompute_teacher_cache(config, store=store, save_every=0)
+
+
+def test_an_interrupted_run_keeps_the_teacher_outputs_it_computed(tmp_path):
+    """Ctrl-C or SIGTERM in the middle of a run: the teacher outputs computed so far are saved (a session's end
+    would otherwise throw away hours of teacher forwards), exactly the views filled when it stopped."""
+    store = RunStore(tmp_path)
+    config = make_config("smoke", method="kd", deterministic=True)
+    filled_at_stop = {}
+
+    def stop(trainer, epoch, step):
+        if epoch == 2 and step == 3:
+            filled_at_stop["keys"] = trainer.teacher_source.cache.filled.nonzero().squeeze(1).clone()
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run(config, store=store, quiet=True, step_hook=stop)
+    data = load_dataset("digits").subset(config.train_per_class, config.test_per_class, seed=0)
+    path = cache_path(store.root, store.summary(config.teacher.run_id)["final_sha256"], data, _compute_key(config))
+    assert path.exists(), "the interrupted run saved the teacher outputs it computed"
+    keys, _ = _stored_table(path)
+    assert len(filled_at_stop["keys"]) > len(data.x_train)  # all of epoch 1's views and some of epoch 2's
+    assert torch.equal(keys.sort().values, filled_at_stop["keys"])

@@ -52,10 +52,18 @@ def _campaign_command(args: argparse.Namespace) -> int:
         import signal
 
         def terminated(signum, frame):  # a job scheduler's or a session's SIGTERM: stop as Ctrl-C would
-            raise KeyboardInterrupt(f"signal {signum}")
+            raise KeyboardInterrupt(f"campaign stopped by {signal.Signals(signum).name}; rerun the same command "
+                                    f"to continue")
 
-        signal.signal(signal.SIGTERM, terminated)
-        result = run_campaign(campaign, store, minutes=args.minutes, device=args.device, data_root=args.data_dir)
+        # `campaign ... &` from a script starts with SIGINT ignored (POSIX shells do that to background jobs),
+        # so `kill -INT` would be silently dropped; a campaign stops on it like on Ctrl-C wherever it runs.
+        previous = {sig: signal.signal(sig, terminated) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            result = run_campaign(campaign, store, minutes=args.minutes, device=args.device,
+                                  data_root=args.data_dir)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
     except (CampaignError, ConfigError, MethodError, RunError) as exc:
         print(f"campaign: {exc}", file=sys.stderr)
         return 1
