@@ -22,8 +22,8 @@ so a partly warm cache costs about one call per 64 new views rather than one per
 computed in a call of exactly ``CANONICAL_BATCH`` images, so nothing else changes.
 :meth:`TeacherOutputCache.fill_all` precomputes all 162 views (``ckd_study.runs.precompute_teacher_cache``,
 ``python -m ckd_study cache-teacher``; worth it before a grid of long runs: 240 epochs meet about 125 of the 162
-views of each image anyway). Anything the cache cannot serve
-(no augmentation views, methods that read feature maps) falls back to the live teacher.
+views of each image anyway). Anything the cache cannot serve (no augmentation views, methods that read feature
+maps) falls back to the live teacher.
 """
 
 from __future__ import annotations
