@@ -157,3 +157,24 @@ def test_epyc_zen4_bf16_table_quotes_its_json(records):
         quoted = f"{min(gains):.2f}–{max(gains):.2f}×"
         assert quoted in section.split(words)[1][:40], (kind, quoted)
     assert bf16_expected_faster(True, {"AuthenticAMD", "avx512_bf16"})
+
+
+def test_teacher_lookahead_table_quotes_its_json(records):
+    """Section 6: every row of the lookahead table from its JSON; lookahead made fewer calls and took less time
+    at both coverages, and the quoted per-epoch savings follow from the ms-per-batch rows at 782 batches."""
+    results_md, _ = records
+    section = results_md.split("## 6.")[1].split("\n## ")[0]
+    bench = json.loads((RESULTS / "bench_teacher_lookahead_cpu_epyc_zen4_2026-12-06.json").read_text())
+    assert bench["compute_key"] == "fp32-channels_last" and bench["threads"] == 2 and bench["batch_size"] == 64
+    rows = {(r["coverage"], r["mode"]): r for r in bench["rows"]}
+    for r in bench["rows"]:
+        line = (f"| {round(100 * r['coverage'])} % | {r['mode']} | {1e3 * r['seconds_per_batch']:.1f} | "
+                f"{r['teacher_calls']} | {r['views_computed']} |")
+        assert line in section, line
+    savings = []
+    for coverage in sorted({c for c, _ in rows}):
+        plain, ahead = rows[(coverage, "zero-padded")], rows[(coverage, "lookahead")]
+        assert ahead["teacher_calls"] < plain["teacher_calls"] == plain["batches"]
+        assert ahead["seconds"] < plain["seconds"]
+        savings.append(round(782 * (plain["seconds_per_batch"] - ahead["seconds_per_batch"])))
+    assert f"{savings[0]} s less teacher time an epoch at 25 % coverage and {savings[1]} s at 60 %" in section
