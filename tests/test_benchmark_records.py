@@ -115,6 +115,16 @@ def test_xeon_bf16_table_quotes_its_json(records):
     assert section.count("| train step |") + section.count("| teacher forward |") == rows
 
 
+def _assert_quotes_faster_bf16_rows(section: str, bench: dict) -> None:
+    """Every row of a bench_precision record is in ``section``'s table (and no other row), bf16 faster in each."""
+    for r in bench["rows"]:
+        row = (f"| {r['kind']} | {r['model']} | {r['fp32']:.1f} | {r['fp32_channels_last']:.1f} | "
+               f"{r['bf16']:.1f} | {r['bf16_over_fp32']:.2f}× |")
+        assert row in section, row
+        assert r["bf16"] > max(r["fp32"], r["fp32_channels_last"]), row
+    assert section.count("| train step |") + section.count("| teacher forward |") == len(bench["rows"])
+
+
 def test_xeon_amx_bf16_table_quotes_its_json(records):
     """Section 1g: the Intel Xeon with AMX-BF16 where bf16 was faster, every row from its JSON, the claim
     "faster in every row" checked against the data, and ``auto``'s rule agreeing with both Xeon records."""
@@ -124,12 +134,7 @@ def test_xeon_amx_bf16_table_quotes_its_json(records):
     section = results_md.split("## 1g.")[1].split("\n## ")[0]
     bench = json.loads((RESULTS / "bench_precision_cpu_xeon_amx_2026-12-06.json").read_text())
     assert bench["cpu_native_bf16"] and bench["threads"] == 2
-    for r in bench["rows"]:
-        row = (f"| {r['kind']} | {r['model']} | {r['fp32']:.1f} | {r['fp32_channels_last']:.1f} | "
-               f"{r['bf16']:.1f} | {r['bf16_over_fp32']:.2f}× |")
-        assert row in section, row
-        assert r["bf16"] > max(r["fp32"], r["fp32_channels_last"]), row
-    assert section.count("| train step |") + section.count("| teacher forward |") == len(bench["rows"])
+    _assert_quotes_faster_bf16_rows(section, bench)
     # the rule behind auto, applied to the flags each record's section names
     assert bf16_expected_faster(True, {"GenuineIntel", "avx512_bf16", "amx_bf16", "amx_tile"})
     assert not bf16_expected_faster(True, {"GenuineIntel", "avx512_bf16"})
@@ -146,12 +151,7 @@ def test_epyc_zen4_bf16_table_quotes_its_json(records):
     bench = json.loads((RESULTS / "bench_precision_cpu_epyc_zen4_2026-12-06.json").read_text())
     assert bench["cpu_native_bf16"] and bench["auto_resolves_to"] == "bf16" and bench["threads"] == 2
     assert bench["cpu_bf16_flags"] == ["avx512_bf16"]
-    for r in bench["rows"]:
-        row = (f"| {r['kind']} | {r['model']} | {r['fp32']:.1f} | {r['fp32_channels_last']:.1f} | "
-               f"{r['bf16']:.1f} | {r['bf16_over_fp32']:.2f}× |")
-        assert row in section, row
-        assert r["bf16"] > max(r["fp32"], r["fp32_channels_last"]), row
-    assert section.count("| train step |") + section.count("| teacher forward |") == len(bench["rows"])
+    _assert_quotes_faster_bf16_rows(section, bench)
     for kind, words in (("train step", "train steps gained"), ("teacher forward", "teacher forwards")):
         gains = [r["bf16_over_fp32"] for r in bench["rows"] if r["kind"] == kind]
         quoted = f"{min(gains):.2f}–{max(gains):.2f}×"
