@@ -453,7 +453,9 @@ def _lines_on(ax, data, *, x, y, hue, yerr=None, logx=False, xlabel="", ylabel="
         if err is not None and (err > 0).any():
             ax.errorbar(group[x].to_numpy(), group[y].to_numpy(), yerr=err, marker="o", capsize=3, label=str(name))
         else:  # one seed: no spread to show, so no error-bar markers (in the plot or the legend)
-            ax.plot(group[x].to_numpy(), group[y].to_numpy(), marker="o", label=str(name))
+            # Markers only where points are few: on a 240-epoch curve they hide the other runs' lines.
+            ax.plot(group[x].to_numpy(), group[y].to_numpy(), marker="o" if len(group) <= 40 else None,
+                    linewidth=1.5 if len(group) <= 40 else 1.0, label=str(name))
     if logx:
         ax.set_xscale("log", base=2)
         ticks = sorted(data[x].unique())

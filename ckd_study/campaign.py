@@ -371,9 +371,11 @@ def report_campaign(campaign: Campaign, store: RunStore, figures_dir: str | Path
     analysis.write_csv(curve_frame, out / f"{stem}_curves.csv")
     figure = None
     if len(curve_frame):
-        figure = analysis.plot_lines(curve_frame, x="epoch", y="test_top1", hue="run", path_stem=out / f"{stem}_curves",
-                                     xlabel="epoch", ylabel="test top-1 (%)",
-                                     title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: test top-1 per epoch")
+        decays = [e for e in map(_first_decay_epoch, campaign.configs) if e is not None]
+        panels = _curve_panels(curve_frame, min(decays) if decays else None)
+        figure = analysis.plot_line_panels(panels, out / f"{stem}_curves",
+                                           title=f"{pair[0]} → {pair[1]}, preset {teacher_cfg.preset}: "
+                                                 f"test top-1 per epoch")
     # What a row more than INVESTIGATE_PP away is looked at with: each run's training loss terms per epoch.
     term_frame = pd.DataFrame(terms, columns=["run", "epoch", "term", "value"])
     files.append({"loss_terms_csv": analysis.write_csv(term_frame, out / f"{stem}_loss_terms.csv")})
@@ -392,12 +394,32 @@ def _loss_term_keys(metrics: Sequence[dict]) -> set[str]:
     return {k for m in metrics for k in m if k.startswith("train_") and k != "train_top1"}
 
 
+def _curve_panels(curve_frame, first_decay: int | None) -> list[dict[str, Any]]:
+    """The learning-curve figure's panels: every epoch of every run, then (once a run has trained past it) the
+    epochs after the first lr decay alone, where the runs differ by tenths of a pp that the full 10–75 % scale
+    hides."""
+    panel = dict(x="epoch", y="test_top1", hue="run", xlabel="epoch", ylabel="test top-1 (%)")
+    panels = [dict(panel, data=curve_frame, title="all epochs")]
+    late = curve_frame[curve_frame["epoch"] > first_decay] if first_decay is not None else curve_frame[:0]
+    if len(late):
+        panels.append(dict(panel, data=late, title=f"after the first lr decay (epochs {first_decay + 1}–)"))
+    return panels
+
+
+def _first_decay_epoch(config: RunConfig) -> int | None:
+    """The last epoch trained at the initial learning rate of a step schedule (None for other schedules or when
+    the first milestone lies past the run's end)."""
+    if config.schedule != "step" or not config.milestones or config.milestones[0] > config.epochs:
+        return None
+    return config.milestones[0]
+
+
 def _before_first_decay(config: RunConfig, metrics: Sequence[dict]) -> tuple[int, float] | None:
     """(epoch, test top-1) at the last epoch before the step schedule's first learning-rate decay, once trained
     (None for other schedules or before then): where a curve's shape first shows a recipe difference."""
-    if config.schedule != "step" or not config.milestones or config.milestones[0] > config.epochs:
+    epoch = _first_decay_epoch(config)
+    if epoch is None:
         return None
-    epoch = config.milestones[0]
     top1 = next((m.get("test_top1") for m in metrics if m["epoch"] == epoch), None)
     return None if top1 is None else (epoch, top1)
 

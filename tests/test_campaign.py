@@ -5,6 +5,7 @@ the same weights as runs trained without interruption; one campaign process at a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -179,6 +180,16 @@ def test_campaign_report_puts_measured_beside_published(tmp_path, monkeypatch):
     teacher, kd, ce = (store.summary(c.run_id) for c in campaign.configs)
     fake = {"teacher": teacher["last_top1"] + 0.25, "kd": kd["last_top1"] - 3.0}
     monkeypatch.setitem(published.PUBLISHED, ("resnet14", "resnet8"), fake)
+    import ckd_study.analysis as analysis
+
+    drawn = {}
+    plot_line_panels = analysis.plot_line_panels
+
+    def recording_panels(panels, path_stem, **kwargs):
+        drawn[Path(path_stem).name] = panels
+        return plot_line_panels(panels, path_stem, **kwargs)
+
+    monkeypatch.setattr(analysis, "plot_line_panels", recording_panels)
     report = report_campaign(campaign, store, tmp_path / "figures")
     rows = {r["run id"]: r for _, r in report["table"].iterrows()}
     t, k, c = (rows[cfg.run_id] for cfg in campaign.configs)
@@ -195,6 +206,9 @@ def test_campaign_report_puts_measured_beside_published(tmp_path, monkeypatch):
     assert k["top-1 before 1st lr decay (%)"] == f"{kd_metrics[1]['test_top1']:.2f} (epoch 2)"
     curves = report["curves"]
     assert len(curves) == sum(cfg.epochs for cfg in campaign.configs)
+    # The curves figure: every epoch of every run; no zoomed panel, as no smoke run trains past its lr decay.
+    (full,) = drawn["reproduction_resnet14-resnet8_curves"]
+    assert full["data"].equals(curves)
     # The loss terms each run logged, per epoch, for the investigation of a row far from its published number.
     terms = report["loss_terms"]
     kd_terms = terms[terms["run"] == "KD"]
@@ -209,6 +223,21 @@ def test_campaign_report_puts_measured_beside_published(tmp_path, monkeypatch):
     threads = {json.loads(line)["torch_threads"] for cfg in campaign.configs
                for line in (store.run_dir(cfg.run_id) / "attempts.jsonl").read_text().splitlines()}
     assert len(threads) == 1 and f"(cpu, {threads.pop()} thread" in md
+
+
+def test_curve_panels_zoom_on_the_epochs_after_the_first_lr_decay():
+    """The second panel of the learning-curve figure holds exactly the epochs trained after the first decay."""
+    import pandas as pd
+
+    from ckd_study.campaign import _curve_panels
+
+    frame = pd.DataFrame([{"run": run, "epoch": e, "test_top1": 0.1 * e} for run, n in (("T", 6), ("KD", 4))
+                          for e in range(1, n + 1)])
+    full, late = _curve_panels(frame, 3)
+    assert full["data"].equals(frame)
+    assert list(zip(late["data"]["run"], late["data"]["epoch"])) == [("T", 4), ("T", 5), ("T", 6), ("KD", 4)]
+    assert "epochs 4–" in late["title"]
+    assert len(_curve_panels(frame, 6)) == 1 and len(_curve_panels(frame, None)) == 1
 
 
 def _reusing_preset(monkeypatch) -> str:
