@@ -26,6 +26,8 @@ import numpy as np
 # The colour-scale clip of the correlation heatmaps (methods.md §6).
 HEATMAP_VMAX = 3.0
 MISSING = "–"
+# Curves with more points than this are drawn without markers: on a 240-epoch curve they hide the other lines.
+CURVE_MARKER_MAX_POINTS = 40
 
 
 def _np(x: Any, dtype=np.float64) -> np.ndarray:
@@ -453,9 +455,9 @@ def _lines_on(ax, data, *, x, y, hue, yerr=None, logx=False, xlabel="", ylabel="
         if err is not None and (err > 0).any():
             ax.errorbar(group[x].to_numpy(), group[y].to_numpy(), yerr=err, marker="o", capsize=3, label=str(name))
         else:  # one seed: no spread to show, so no error-bar markers (in the plot or the legend)
-            # Markers only where points are few: on a 240-epoch curve they hide the other runs' lines.
-            ax.plot(group[x].to_numpy(), group[y].to_numpy(), marker="o" if len(group) <= 40 else None,
-                    linewidth=1.5 if len(group) <= 40 else 1.0, label=str(name))
+            few = len(group) <= CURVE_MARKER_MAX_POINTS
+            ax.plot(group[x].to_numpy(), group[y].to_numpy(), marker="o" if few else None,
+                    linewidth=1.5 if few else 1.0, label=str(name))
     if logx:
         ax.set_xscale("log", base=2)
         ticks = sorted(data[x].unique())
@@ -519,7 +521,7 @@ def plot_curves(curves: Mapping[str, tuple[Sequence[float], Sequence[float]]], p
     fig = new_figure(5.6, 3.8)
     ax = fig.subplots()
     for name, (xs, ys) in curves.items():
-        ax.plot(list(xs), list(ys), marker="." if len(xs) < 40 else None, label=name)
+        ax.plot(list(xs), list(ys), marker="." if len(xs) <= CURVE_MARKER_MAX_POINTS else None, label=name)
     from matplotlib.ticker import MaxNLocator
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

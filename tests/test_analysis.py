@@ -239,3 +239,20 @@ def test_plot_helpers_write_png_and_pdf(tmp_path):
     again2 = analysis.plot_heatmaps({"KD": np.ones((6, 6)), "CKD": np.zeros((6, 6))}, tmp_path / "h3", title="h")
     assert again["pdf"].read_bytes() == again2["pdf"].read_bytes()
     assert again["png"].read_bytes() == again2["png"].read_bytes()
+
+
+def test_curves_carry_markers_up_to_the_shared_bound_and_none_beyond(tmp_path, monkeypatch):
+    """plot_curves and the line panels decide "markers only on short curves" with one bound."""
+    drawn = []
+    monkeypatch.setattr(analysis, "save_figure", lambda fig, stem: drawn.append(fig) or {})
+    bound = analysis.CURVE_MARKER_MAX_POINTS
+    short, long = list(range(bound)), list(range(bound + 1))
+    analysis.plot_curves({"short": (short, short), "long": (long, long)}, tmp_path / "c", title="c",
+                         xlabel="epoch", ylabel="top-1 (%)")
+    data = pd.DataFrame({"epoch": short + long, "top1": [float(v) for v in short + long],
+                         "run": ["short"] * len(short) + ["long"] * len(long)})
+    analysis.plot_line_panels([dict(data=data, x="epoch", y="top1", hue="run")], tmp_path / "p", title="p")
+    for fig in drawn:
+        lines = {line.get_label(): line for line in fig.axes[0].get_lines()}
+        assert lines["short"].get_marker() not in (None, "None", "")
+        assert lines["long"].get_marker() in (None, "None", "")
